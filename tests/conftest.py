@@ -1,0 +1,33 @@
+"""Test setup shared by every suite.
+
+Without a CUDA GPU the kernels can still run, interpreted on the CPU (Triton's interpreter
+and Pallas ``interpret=True``). ``ACCEL_INTERPRET=1`` selects that; it must be set before
+either package (and Triton) is imported, so it is decided here, first.
+"""
+
+import os
+import shutil
+
+
+def _has_cuda() -> bool:
+    # Decided without importing torch: the interpreter flag must be set before Triton loads.
+    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidiactl")
+
+
+if not _has_cuda():
+    os.environ.setdefault("ACCEL_INTERPRET", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
