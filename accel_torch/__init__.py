@@ -1,0 +1,26 @@
+"""accel_torch: RMSNorm and fused residual-add RMSNorm as Triton kernels for PyTorch.
+
+    import accel_torch
+    y = accel_torch.rmsnorm(x, weight)
+    y, h = accel_torch.rmsnorm_residual_fused(x, residual, weight, return_residual=True)
+
+See DESIGN.md for the numerics. ``ACCEL_INTERPRET=1`` runs the kernels on CPU tensors in
+Triton's interpreter (set it before importing).
+"""
+
+from . import _config  # noqa: I001  (sets TRITON_INTERPRET before Triton is imported)
+from ._config import interpret_enabled, set_interpret
+from .modules import TritonRMSNorm, replace_rmsnorm
+from .ops import rmsnorm, rmsnorm_residual_fused
+from .reference import rmsnorm_residual_torch, rmsnorm_torch
+
+__all__ = [
+    "TritonRMSNorm",
+    "interpret_enabled",
+    "replace_rmsnorm",
+    "rmsnorm",
+    "rmsnorm_residual_fused",
+    "rmsnorm_residual_torch",
+    "rmsnorm_torch",
+    "set_interpret",
+]

@@ -1,0 +1,155 @@
+"""nn.Module front ends: TritonRMSNorm (drop-in for torch.nn.RMSNorm / LlamaRMSNorm) and
+replace_rmsnorm, which swaps known RMSNorm modules of a model for it."""
+
+import numbers
+
+import torch
+from torch import nn
+
+from .ops import rmsnorm, rmsnorm_residual_fused
+from .validation import check_casting, check_eps
+
+
+class TritonRMSNorm(nn.Module):
+    """RMSNorm over the last dimension, with an optional fused residual add.
+
+    A drop-in for ``torch.nn.RMSNorm`` and Hugging Face ``LlamaRMSNorm``: the parameter is
+    ``weight`` of shape (hidden_size,), so their state_dicts load as they are.
+
+    Args:
+        hidden_size: N, the size of the normalized last dimension (an int, or a 1-tuple).
+        eps: added to the mean square (None means 1e-6, the Llama default).
+        elementwise_affine: learn a weight (initialized to ones, or zeros when
+            ``weight_offset`` is 1.0 as in Gemma, where the scale is ``1 + weight``).
+        weight_offset: added to the weight in fp32.
+        casting: "fp32" or "llama" (see :func:`accel_torch.rmsnorm`).
+
+    ``forward(x, residual=None)``: x (..., N) -> y of x's dtype; with a residual of x's shape,
+    ``(y, h)`` where ``h = x + residual`` (the new residual stream, in residual_dtype or x's
+    dtype) and ``y = rmsnorm(h)``.
+    """
+
+    def __init__(
+        self,
+        hidden_size,
+        eps=1e-6,
+        *,
+        elementwise_affine=True,
+        weight_offset=0.0,
+        casting="fp32",
+        residual_dtype=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if isinstance(hidden_size, (tuple, list, torch.Size)):
+            if len(hidden_size) != 1:
+                raise ValueError(
+                    f"hidden_size: only the last dimension can be normalized, got {hidden_size}"
+                )
+            hidden_size = hidden_size[0]
+        if not isinstance(hidden_size, numbers.Integral) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        self.hidden_size = int(hidden_size)
+        self.eps = check_eps(1e-6 if eps is None else eps)
+        self.weight_offset = float(weight_offset)
+        self.casting = check_casting(casting)
+        self.residual_dtype = residual_dtype
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.hidden_size, device=device, dtype=dtype))
+        else:
+            if self.weight_offset != 0.0:
+                raise ValueError("weight_offset needs elementwise_affine=True (there is no weight)")
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.constant_(self.weight, 1.0 - self.weight_offset)
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return rmsnorm(
+                x, self.weight, self.eps, weight_offset=self.weight_offset, casting=self.casting
+            )
+        return rmsnorm_residual_fused(
+            x,
+            residual,
+            self.weight,
+            self.eps,
+            weight_offset=self.weight_offset,
+            casting=self.casting,
+            return_residual=True,
+            residual_dtype=self.residual_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.hidden_size}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"weight_offset={self.weight_offset}, casting={self.casting!r}"
+        )
+
+
+# Hugging Face RMSNorm classes by name, with the numerics that reproduce each.
+# Llama-style: weight * round(x * rstd) in the input dtype. Gemma-style: (1 + weight) in fp32.
+_HF_LLAMA_STYLE = {
+    "LlamaRMSNorm",
+    "MistralRMSNorm",
+    "MixtralRMSNorm",
+    "Qwen2RMSNorm",
+    "Qwen3RMSNorm",
+    "Qwen3MoeRMSNorm",
+    "Qwen2MoeRMSNorm",
+    "Phi3RMSNorm",
+}
+_HF_GEMMA_STYLE = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+
+
+def _eps_of(module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value)
+    return float(torch.finfo(torch.float32).eps)  # torch.nn.RMSNorm's eps=None
+
+
+def _swap_for(module):
+    """The TritonRMSNorm equivalent of module, or None if module is not a known RMSNorm."""
+    cls = type(module).__name__
+    if isinstance(module, nn.RMSNorm):
+        shape = tuple(module.normalized_shape)
+        if len(shape) != 1:
+            return None  # normalizes over several dims: not ours to replace
+        new = TritonRMSNorm(shape[0], _eps_of(module), elementwise_affine=module.weight is not None)
+        casting, offset = "fp32", 0.0
+    elif cls in _HF_LLAMA_STYLE or cls in _HF_GEMMA_STYLE:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            return None
+        casting, offset = ("llama", 0.0) if cls in _HF_LLAMA_STYLE else ("fp32", 1.0)
+        new = TritonRMSNorm(weight.shape[0], _eps_of(module), casting=casting, weight_offset=offset)
+    else:
+        return None
+    if module.weight is not None:
+        new.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
+    return new
+
+
+def replace_rmsnorm(model: nn.Module) -> int:
+    """Swap, in place, every torch.nn.RMSNorm and known Hugging Face RMSNorm submodule of
+    model for a TritonRMSNorm with the same weight and numerics.
+
+    Known: Llama/Mistral/Mixtral/Qwen2/Qwen3/Phi3 (``casting="llama"``) and Gemma 1-3
+    (``weight_offset=1.0``, fp32 casting). Other modules are left alone.
+    Returns the number of modules swapped.
+    """
+    count = 0
+    for name, child in list(model.named_children()):
+        new = _swap_for(child)
+        if new is not None:
+            setattr(model, name, new)
+            count += 1
+        else:
+            count += replace_rmsnorm(child)
+    return count

@@ -1,0 +1,68 @@
+"""RMSNorm in plain torch ops: the CPU fallback and the readable statement of the numerics."""
+
+import torch
+
+from .validation import check_residual_args, check_rmsnorm_args
+
+
+def normalize_math(
+    h: torch.Tensor, weight, eps: float, weight_offset: float, casting: str, out_dtype
+):
+    """RMSNorm of h (..., N) over the last axis, in torch ops, rounded once to out_dtype
+    (twice with casting=\"llama\"). Arguments are assumed checked."""
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = hf * rstd
+    if weight is None:
+        return xhat.to(out_dtype)
+    w = weight.float() + weight_offset
+    if casting == "llama":
+        xhat = xhat.to(h.dtype).float()
+    return (xhat * w).to(out_dtype)
+
+
+def residual_add_math(x: torch.Tensor, residual: torch.Tensor, h_dtype) -> torch.Tensor:
+    """h = x + residual in fp32, rounded once to h_dtype."""
+    return (x.float() + residual.float()).to(h_dtype)
+
+
+def rmsnorm_torch(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
+    """RMSNorm over the last axis in plain torch ops (any device, differentiable by autograd).
+
+    Args:
+        x: (..., N) floating tensor.
+        weight: optional (N,) floating tensor, any float dtype.
+        eps: added to the mean square before the reciprocal square root.
+        weight_offset: added to weight in fp32 (1.0 gives Gemma's ``1 + weight``).
+        casting: "fp32" (one rounding) or "llama" (round x*rstd to x's dtype before the weight).
+    Returns:
+        (..., N) tensor of x's dtype.
+    """
+    eps, weight_offset = check_rmsnorm_args(x, weight, eps, weight_offset, casting)
+    return normalize_math(x, weight, eps, weight_offset, casting, x.dtype)
+
+
+def rmsnorm_residual_torch(
+    x,
+    residual,
+    weight=None,
+    eps=1e-6,
+    *,
+    weight_offset=0.0,
+    casting="fp32",
+    return_residual=False,
+    residual_dtype=None,
+):
+    """``h = round(residual_dtype or x.dtype, x + residual)``, then ``rmsnorm(h)``, in plain torch.
+
+    Args:
+        x, residual: (..., N) floating tensors of one shape.
+        residual_dtype: dtype h is rounded to and returned in (default x's dtype).
+    Returns:
+        y (x's dtype), or (y, h) with ``return_residual=True``.
+    """
+    eps, weight_offset = check_rmsnorm_args(x, weight, eps, weight_offset, casting)
+    h_dtype = check_residual_args(x, residual, residual_dtype)
+    h = residual_add_math(x, residual, h_dtype)
+    y = normalize_math(h, weight, eps, weight_offset, casting, x.dtype)
+    return (y, h) if return_residual else y
