@@ -8,7 +8,7 @@ See DESIGN.md for the numerics. ``ACCEL_INTERPRET=1`` runs the kernels on CPU te
 Triton's interpreter (set it before importing).
 """
 
-from . import _config  # noqa: I001  (sets TRITON_INTERPRET before Triton is imported)
+from . import _config  # noqa: F401, I001  (sets TRITON_INTERPRET before Triton loads)
 from ._config import interpret_enabled, set_interpret
 from .modules import TritonRMSNorm, replace_rmsnorm
 from .ops import rmsnorm, rmsnorm_residual_fused

@@ -1,4 +1,4 @@
-"""Argument checks shared by the functional API and the module: clear errors, never wrong results."""
+"""Argument checks shared by the functional API and the module: clear errors, never wrong."""
 
 import math
 
