@@ -135,8 +135,8 @@ def rmsnorm_bwd_kernel(
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for row in range(pid, M, num_programs):
-            row = row.to(tl.int64)
+        for i in range(0, tl.cdiv(M - pid, num_programs)):
+            row = pid.to(tl.int64) + i * num_programs
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row)
@@ -161,8 +161,8 @@ def rmsnorm_bwd_kernel(
             tl.store(DW_PARTIAL + cols, dw_acc, mask=mask)
     else:
         # DW_PARTIAL starts zeroed; each program owns its row, so no two programs touch it.
-        for row in range(pid, M, num_programs):
-            row = row.to(tl.int64)
+        for i in range(0, tl.cdiv(M - pid, num_programs)):
+            row = pid.to(tl.int64) + i * num_programs
             rstd = tl.load(RSTD + row)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for off in range(0, N, BLOCK_N):

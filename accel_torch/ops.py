@@ -13,7 +13,6 @@ rstd (fp32, one per row) is an op output so that autograd can save it; backward 
 the normalized input (x, or h for the fused op) and rstd.
 """
 
-
 import torch
 import triton
 

@@ -40,19 +40,22 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, max_ulp: float = 1.0
     )
 
 
-def assert_grad_close(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    """Gradient check: |out - ref| <= 1 ulp of out's dtype at ref + rel * max|ref|.
+def assert_grad_close(out: torch.Tensor, ref: torch.Tensor, rel: float, scale=None) -> None:
+    """Gradient check: |out - ref| <= 1 ulp of out's dtype at ref + rel * scale.
 
     The ulp term is the final rounding to out's dtype; the rel term covers the fp32
-    arithmetic (the row reduction mean(g * xhat), and dweight's sum over rows), which
-    errs relative to the tensor's scale, not to each element.
+    arithmetic (the row reduction mean(g * xhat), and dweight's sum over rows), which errs
+    relative to the size of the terms combined, not to each element of the result.
+    scale defaults to max|ref|; for dx pass the terms' size, max|rstd * g| (dx can cancel
+    to far below it, e.g. at N = 1, where dx = rstd * g * eps / (x^2 + eps)).
     """
     out64 = out.detach().double().cpu()
     ref = ref.detach().double().cpu()
     assert out64.shape == ref.shape
     if ref.numel() == 0:
         return
-    bound = ulp(ref, out.dtype) + rel * ref.abs().max()
+    scale = ref.abs().max() if scale is None else float(scale)
+    bound = ulp(ref, out.dtype) + rel * scale
     err = (out64 - ref).abs()
     worst = (err - bound).argmax()
     assert (err <= bound).all(), (
@@ -92,3 +95,11 @@ def reference(x, weight, eps=1e-6, weight_offset=0.0, casting="fp32"):
 def leaf64(t: torch.Tensor) -> torch.Tensor:
     """A float64 leaf copy of t that requires grad."""
     return t.detach().double().requires_grad_(True)
+
+
+def dx_scale(x: torch.Tensor, weight, dy: torch.Tensor, eps=1e-6, weight_offset=0.0) -> float:
+    """max |rstd * dy * w|: the size of the terms dx is made of (float64)."""
+    x64 = x.detach().double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    g = dy.double() if weight is None else dy.double() * (weight.double() + weight_offset)
+    return (rstd * g).abs().max().item() if g.numel() else 0.0
