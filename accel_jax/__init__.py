@@ -1,0 +1,49 @@
+"""accel_jax: RMSNorm and fused residual-add RMSNorm as JAX Pallas (Triton) kernels.
+
+Public API (the same as accel_torch's):
+    rmsnorm(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32")
+    rmsnorm_residual_fused(x, residual, weight=None, eps=1e-6, *, weight_offset=0.0,
+                           casting="fp32", return_residual=False, residual_dtype=None)
+plus rmsnorm_reference / rmsnorm_residual_reference (plain jnp), the Flax modules
+accel_jax.linen.RMSNorm (alias PallasRMSNorm) and accel_jax.nnx.RMSNorm, and
+set_interpret(flag). ACCEL_INTERPRET=1 in the environment, read once at import, makes the
+kernels run in Pallas interpret mode (how they are tested on a CPU).
+"""
+
+import os
+
+from accel_jax.ops import (
+    get_interpret,
+    rmsnorm,
+    rmsnorm_residual_fused,
+    set_interpret,
+)
+from accel_jax.reference import rmsnorm_reference, rmsnorm_residual_reference
+
+set_interpret(
+    os.environ.get("ACCEL_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+)
+
+
+def __getattr__(name):
+    # The Flax modules import flax; load them only when asked for.
+    if name in ("linen", "nnx"):
+        import importlib
+
+        return importlib.import_module(f"accel_jax.{name}")
+    if name == "PallasRMSNorm":
+        from accel_jax.linen import RMSNorm
+
+        return RMSNorm
+    raise AttributeError(f"module 'accel_jax' has no attribute {name!r}")
+
+
+__all__ = [
+    "PallasRMSNorm",
+    "get_interpret",
+    "rmsnorm",
+    "rmsnorm_reference",
+    "rmsnorm_residual_fused",
+    "rmsnorm_residual_reference",
+    "set_interpret",
+]

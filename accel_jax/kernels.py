@@ -1,0 +1,555 @@
+"""Pallas kernels (Triton lowering) for RMSNorm: bodies and launch shapes only.
+
+Every kernel works on 2-D row-major arrays of shape (M, N); the ops layer flattens leading
+dimensions and decides when to call these. Numerics (all in fp32):
+
+    ss = sum(x * x);  rstd = 1 / sqrt(ss / N + eps);  xhat = x * rstd
+    w = weight + weight_offset
+    fp32 casting:  y = round_out(xhat * w)
+    llama casting: y = round_out(round_in(xhat) * w)
+
+Block shapes handed to Triton must be powers of two, so ragged rows and columns are masked
+(masked loads read 0, which adds nothing to any sum). Up to ``SINGLE_BLOCK_MAX`` columns a
+program keeps whole rows in registers; beyond that it loops over ``LOOP_BLOCK`` chunks, two
+passes over the row (statistics, then output).
+
+Backward is deterministic: a fixed number of programs G (from the shape only) each write
+one fp32 row of dweight partial sums, and ``rmsnorm_dweight_reduce`` sums those rows in a
+fixed order. No atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+F32 = jnp.float32
+
+# Columns up to which a row lives in registers in one block (elements, a power of two).
+SINGLE_BLOCK_MAX = 16384
+# Chunk width of the looped path for wider rows.
+LOOP_BLOCK = 8192
+# Target elements per forward program for narrow rows (several rows per program).
+FWD_TARGET_ELEMS = 4096
+# Most rows one program handles at once.
+MAX_ROWS_PER_BLOCK = 64
+# Cap on backward programs G; G = min(row blocks, cap) depends on the shape only.
+BWD_MAX_PROGRAMS = 256
+# Looped-path dweight kernel: tile (rows x columns) and program cap over rows.
+DW_TILE_ROWS = 8
+DW_TILE_COLS = 1024
+DW_LOOPED_MAX_PROGRAMS = 32
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _warps(elems: int) -> int:
+    """num_warps for a program touching ``elems`` elements per block."""
+    if elems >= 16384:
+        return 16
+    if elems >= 4096:
+        return 8
+    if elems >= 1024:
+        return 4
+    return 2 if elems >= 256 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLaunch:
+    """Launch shape of a row-parallel kernel (forward or backward).
+
+    block_n: columns per block (power of two); rows: rows per block (power of two);
+    looped: whether N > block_n (chunk loop); num_warps / num_stages: Triton settings.
+    """
+
+    block_n: int
+    rows: int
+    looped: bool
+    num_warps: int
+    num_stages: int
+
+
+def row_launch(m: int, n: int) -> RowLaunch:
+    """Launch shape for (M, N) rows: whole rows per block up to SINGLE_BLOCK_MAX columns."""
+    block = next_pow2(n)
+    if block > SINGLE_BLOCK_MAX:
+        return RowLaunch(LOOP_BLOCK, 1, True, _warps(LOOP_BLOCK), 2)
+    rows = max(1, FWD_TARGET_ELEMS // block)
+    rows = min(rows, MAX_ROWS_PER_BLOCK, next_pow2(m))
+    return RowLaunch(block, rows, False, _warps(block * rows), 1)
+
+
+def _mask(row_mask, col_mask):
+    """Combine optional (R,) and (C,) masks into an (R, C) mask (None when both are None)."""
+    if row_mask is None and col_mask is None:
+        return None
+    if row_mask is None:
+        return col_mask[None, :]
+    if col_mask is None:
+        return row_mask[:, None]
+    return row_mask[:, None] & col_mask[None, :]
+
+
+def _load(ref, mask):
+    """Load a block; masked-out elements read as 0 (interpret mode would pad with NaN)."""
+    if mask is None:
+        return pltriton.load(ref)
+    return pltriton.load(ref, mask=mask, other=0)
+
+
+def _store(ref, value, mask):
+    pltriton.store(ref, value.astype(ref.dtype), mask=mask)
+
+
+def _row_ids(r0, rows: int, m: int, always_full: bool):
+    """Row indices of a block and their mask (None when every row is in range)."""
+    ids = r0 + jnp.arange(rows)
+    return None if always_full else ids < m
+
+
+def _col_mask(c0, cols: int, n: int):
+    """Column mask of a chunk starting at c0 (None when the chunk can never run past n)."""
+    if n % cols == 0:
+        return None
+    return (c0 + jnp.arange(cols)) < n
+
+
+def _weight_chunk(w_ref, c0, cols, col_mask, weight_offset):
+    w = _load(w_ref.at[pl.ds(c0, cols)], col_mask).astype(F32)
+    if weight_offset:
+        w = w + weight_offset
+    return w[None, :]
+
+
+def _normalize(x, rstd, w, llama, round_dtype):
+    """y (fp32, before the output rounding) from fp32 x, (R,) rstd and optional (1, C) w."""
+    xhat = x * rstd[:, None]
+    if llama:
+        xhat = xhat.astype(round_dtype).astype(F32)
+    return xhat if w is None else xhat * w
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(
+    *refs,
+    m,
+    n,
+    launch: RowLaunch,
+    eps,
+    weight_offset,
+    llama,
+    round_dtype,
+    has_residual,
+    has_weight,
+    store_h,
+    store_rstd,
+):
+    it = iter(refs)
+    x_ref = next(it)
+    r_ref = next(it) if has_residual else None
+    w_ref = next(it) if has_weight else None
+    y_ref = next(it)
+    h_ref = next(it) if store_h else None
+    rstd_ref = next(it) if store_rstd else None
+
+    rows, cols = launch.rows, launch.block_n
+    r0 = pl.program_id(0) * rows
+    row_mask = _row_ids(r0, rows, m, m % rows == 0)
+
+    def load_input(c0, col_mask, write_h):
+        """fp32 input chunk: x, or h = round(x + residual) (stored once when asked)."""
+        mask = _mask(row_mask, col_mask)
+        idx = (pl.ds(r0, rows), pl.ds(c0, cols))
+        x = _load(x_ref.at[idx], mask).astype(F32)
+        if not has_residual:
+            return x
+        h = (x + _load(r_ref.at[idx], mask).astype(F32)).astype(round_dtype)
+        if write_h and store_h:
+            _store(h_ref.at[idx], h, mask)
+        return h.astype(F32)
+
+    def write_y(c0, col_mask, x, rstd):
+        w = _weight_chunk(w_ref, c0, cols, col_mask, weight_offset) if has_weight else None
+        y = _normalize(x, rstd, w, llama, round_dtype)
+        _store(y_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], y, _mask(row_mask, col_mask))
+
+    if not launch.looped:
+        col_mask = _col_mask(0, cols, n)
+        x = load_input(0, col_mask, True)
+        rstd = 1.0 / jnp.sqrt(jnp.sum(x * x, axis=1) / n + eps)
+        write_y(0, col_mask, x, rstd)
+    else:
+        n_chunks = pl.cdiv(n, cols)
+
+        def ss_body(c, acc):
+            c0 = c * cols
+            x = load_input(c0, _col_mask(c0, cols, n), True)
+            return acc + x * x
+
+        acc = lax.fori_loop(0, n_chunks, ss_body, jnp.zeros((rows, cols), F32))
+        rstd = 1.0 / jnp.sqrt(jnp.sum(acc, axis=1) / n + eps)
+
+        # Second pass recomputes h from x and residual rather than reading back h_ref:
+        # the same rounding gives the same bits, and no store-then-load ordering is needed.
+        @pl.loop(0, n_chunks)
+        def _(c):
+            c0 = c * cols
+            col_mask = _col_mask(c0, cols, n)
+            write_y(c0, col_mask, load_input(c0, col_mask, False), rstd)
+
+    if store_rstd:
+        _store(rstd_ref.at[pl.ds(r0, rows)], rstd, row_mask)
+
+
+def rmsnorm_fwd(
+    x,
+    residual,
+    weight,
+    *,
+    eps: float,
+    weight_offset: float,
+    llama: bool,
+    out_dtype,
+    round_dtype,
+    store_h: bool,
+    store_rstd: bool,
+    interpret: bool,
+):
+    """Forward kernel, plain or fused residual-add.
+
+    x: (M, N) fp32/fp16/bf16. residual: None or (M, N) any float dtype. weight: None or (N,).
+    round_dtype: dtype of h (fused) and of the llama intermediate rounding.
+    Returns (y (M, N) out_dtype, h (M, N) round_dtype or None, rstd (M,) fp32 or None).
+    """
+    m, n = x.shape
+    launch = row_launch(m, n)
+    has_residual = residual is not None
+    has_weight = weight is not None
+    store_h = store_h and has_residual
+    out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+    if store_h:
+        out_shape.append(jax.ShapeDtypeStruct((m, n), round_dtype))
+    if store_rstd:
+        out_shape.append(jax.ShapeDtypeStruct((m,), F32))
+    kernel = functools.partial(
+        _fwd_kernel,
+        m=m,
+        n=n,
+        launch=launch,
+        eps=eps,
+        weight_offset=weight_offset,
+        llama=llama,
+        round_dtype=round_dtype,
+        has_residual=has_residual,
+        has_weight=has_weight,
+        store_h=store_h,
+        store_rstd=store_rstd,
+    )
+    inputs = [a for a in (x, residual, weight) if a is not None]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(m, launch.rows),),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=launch.num_warps, num_stages=launch.num_stages
+        ),
+        interpret=interpret,
+        name="rmsnorm_residual_fwd" if has_residual else "rmsnorm_fwd",
+    )(*inputs)
+    outs = list(outs)
+    y = outs.pop(0)
+    h = outs.pop(0) if store_h else None
+    rstd = outs.pop(0) if store_rstd else None
+    return y, h, rstd
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def bwd_programs(m: int, rows: int) -> int:
+    """G, the number of backward programs (and dweight partial rows): shape only."""
+    return max(1, min(pl.cdiv(m, rows), BWD_MAX_PROGRAMS))
+
+
+def _bwd_kernel(
+    *refs,
+    m,
+    n,
+    launch: RowLaunch,
+    programs,
+    weight_offset,
+    has_weight,
+    has_dh,
+    store_dres,
+    store_dw,
+):
+    """Single-block backward: G programs stride over row blocks, dweight kept in registers."""
+    it = iter(refs)
+    dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
+    w_ref = next(it) if has_weight else None
+    dh_ref = next(it) if has_dh else None
+    dx_ref = next(it)
+    dres_ref = next(it) if store_dres else None
+    dwp_ref = next(it) if store_dw else None
+
+    rows, cols = launch.rows, launch.block_n
+    pid = pl.program_id(0)
+    n_blocks = pl.cdiv(m, rows)
+    steps = pl.cdiv(n_blocks, programs)
+    always_full = m % rows == 0 and n_blocks % programs == 0
+    col_mask = _col_mask(0, cols, n)
+    w = _weight_chunk(w_ref, 0, cols, col_mask, weight_offset) if has_weight else None
+
+    def body(i, acc):
+        r0 = (pid + i * programs) * rows
+        row_mask = _row_ids(r0, rows, m, always_full)
+        mask = _mask(row_mask, col_mask)
+        idx = (pl.ds(r0, rows), pl.ds(0, cols))
+        x = _load(x_ref.at[idx], mask).astype(F32)
+        dy = _load(dy_ref.at[idx], mask).astype(F32)
+        rstd = _load(rstd_ref.at[pl.ds(r0, rows)], row_mask).astype(F32)
+        xhat = x * rstd[:, None]
+        g = dy if w is None else dy * w
+        c = jnp.sum(g * xhat, axis=1) / n
+        dx = rstd[:, None] * (g - xhat * c[:, None])
+        if has_dh:
+            dx = dx + _load(dh_ref.at[idx], mask).astype(F32)
+        _store(dx_ref.at[idx], dx, mask)
+        if store_dres:
+            _store(dres_ref.at[idx], dx, mask)
+        return acc + dy * xhat if store_dw else acc
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), F32))
+    if store_dw:
+        _store(
+            dwp_ref.at[pl.ds(pid, 1), pl.ds(0, cols)],
+            jnp.sum(acc, axis=0)[None, :],
+            _mask(None, col_mask),
+        )
+
+
+def _bwd_dx_looped_kernel(
+    *refs, n, launch: RowLaunch, weight_offset, has_weight, has_dh, store_dres
+):
+    """Looped backward dx for wide rows: one row per program, two passes over chunks."""
+    it = iter(refs)
+    dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
+    w_ref = next(it) if has_weight else None
+    dh_ref = next(it) if has_dh else None
+    dx_ref = next(it)
+    dres_ref = next(it) if store_dres else None
+
+    cols = launch.block_n
+    r0 = pl.program_id(0)
+    rstd = _load(rstd_ref.at[pl.ds(r0, 1)], None).astype(F32)
+    n_chunks = pl.cdiv(n, cols)
+
+    def chunk(c):
+        c0 = c * cols
+        col_mask = _col_mask(c0, cols, n)
+        mask = _mask(None, col_mask)
+        idx = (pl.ds(r0, 1), pl.ds(c0, cols))
+        xhat = _load(x_ref.at[idx], mask).astype(F32) * rstd[:, None]
+        dy = _load(dy_ref.at[idx], mask).astype(F32)
+        if has_weight:
+            dy = dy * _weight_chunk(w_ref, c0, cols, col_mask, weight_offset)
+        return idx, mask, xhat, dy
+
+    def dot_body(c, acc):
+        _, _, xhat, g = chunk(c)
+        return acc + g * xhat
+
+    acc = lax.fori_loop(0, n_chunks, dot_body, jnp.zeros((1, cols), F32))
+    mean_gx = jnp.sum(acc, axis=1) / n
+
+    @pl.loop(0, n_chunks)
+    def _(c):
+        idx, mask, xhat, g = chunk(c)
+        dx = rstd[:, None] * (g - xhat * mean_gx[:, None])
+        if has_dh:
+            dx = dx + _load(dh_ref.at[idx], mask).astype(F32)
+        _store(dx_ref.at[idx], dx, mask)
+        if store_dres:
+            _store(dres_ref.at[idx], dx, mask)
+
+
+def _bwd_dw_looped_kernel(dy_ref, x_ref, rstd_ref, dwp_ref, *, m, n, programs):
+    """Looped-path dweight partials: program (g, j) sums rows g, g+G, ... of column tile j."""
+    rows, cols = DW_TILE_ROWS, DW_TILE_COLS
+    pid = pl.program_id(0)
+    c0 = pl.program_id(1) * cols
+    col_mask = _col_mask(c0, cols, n)
+    n_blocks = pl.cdiv(m, rows)
+    steps = pl.cdiv(n_blocks, programs)
+    always_full = m % rows == 0 and n_blocks % programs == 0
+
+    def body(i, acc):
+        r0 = (pid + i * programs) * rows
+        row_mask = _row_ids(r0, rows, m, always_full)
+        mask = _mask(row_mask, col_mask)
+        idx = (pl.ds(r0, rows), pl.ds(c0, cols))
+        x = _load(x_ref.at[idx], mask).astype(F32)
+        dy = _load(dy_ref.at[idx], mask).astype(F32)
+        rstd = _load(rstd_ref.at[pl.ds(r0, rows)], row_mask).astype(F32)
+        return acc + dy * (x * rstd[:, None])
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), F32))
+    _store(
+        dwp_ref.at[pl.ds(pid, 1), pl.ds(c0, cols)],
+        jnp.sum(acc, axis=0)[None, :],
+        _mask(None, col_mask),
+    )
+
+
+def _dw_reduce_kernel(p_ref, dw_ref, *, g, n, block_g, block_n):
+    """dweight[j] = sum over g of partial[g, j], always in the same order."""
+    c0 = pl.program_id(0) * block_n
+    col_mask = _col_mask(c0, block_n, n)
+    always_full = g % block_g == 0
+
+    def body(i, acc):
+        r0 = i * block_g
+        mask = _mask(_row_ids(r0, block_g, g, always_full), col_mask)
+        return acc + _load(p_ref.at[pl.ds(r0, block_g), pl.ds(c0, block_n)], mask)
+
+    acc = lax.fori_loop(0, pl.cdiv(g, block_g), body, jnp.zeros((block_g, block_n), F32))
+    _store(dw_ref.at[pl.ds(c0, block_n)], jnp.sum(acc, axis=0), col_mask)
+
+
+def rmsnorm_dweight_reduce(partial, out_dtype, *, interpret: bool):
+    """Deterministic column sum of (G, N) fp32 partials -> (N,) in out_dtype."""
+    g, n = partial.shape
+    block_g = min(next_pow2(g), 64)
+    # Narrow column tiles so that even N = 4096 spreads over ~128 programs.
+    block_n = min(max(next_pow2(pl.cdiv(n, 128)), 16), 256)
+    kernel = functools.partial(_dw_reduce_kernel, g=g, n=n, block_g=block_g, block_n=block_n)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n,), out_dtype),
+        grid=(pl.cdiv(n, block_n),),
+        compiler_params=pltriton.CompilerParams(num_warps=_warps(block_g * block_n)),
+        interpret=interpret,
+        name="rmsnorm_dweight_reduce",
+    )(partial)
+
+
+def rmsnorm_bwd(
+    dy,
+    x,
+    rstd,
+    weight,
+    dh,
+    *,
+    weight_offset: float,
+    dx_dtype,
+    dres_dtype,
+    interpret: bool,
+):
+    """Backward kernels.
+
+    dy: (M, N) cotangent of y. x: (M, N) the normalized input (x, or h when fused).
+    rstd: (M,) fp32 saved by the forward. weight: None or (N,). dh: None or (M, N) cotangent
+    of h (fused), added to dx. dx_dtype: dtype of dx; dres_dtype: None or a second dtype in
+    which the same gradient is also written (the residual's, when it differs from x's).
+    Returns (dx, dres or None, dweight (N,) in weight's dtype or None).
+    """
+    m, n = x.shape
+    launch = row_launch(m, n)
+    has_weight = weight is not None
+    has_dh = dh is not None
+    store_dres = dres_dtype is not None
+    params = pltriton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    grad_shapes = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
+    if store_dres:
+        grad_shapes.append(jax.ShapeDtypeStruct((m, n), dres_dtype))
+    inputs = [a for a in (dy, x, rstd, weight, dh) if a is not None]
+
+    if not launch.looped:
+        programs = bwd_programs(m, launch.rows)
+        out_shape = list(grad_shapes)
+        if has_weight:
+            out_shape.append(jax.ShapeDtypeStruct((programs, n), F32))
+        kernel = functools.partial(
+            _bwd_kernel,
+            m=m,
+            n=n,
+            launch=launch,
+            programs=programs,
+            weight_offset=weight_offset,
+            has_weight=has_weight,
+            has_dh=has_dh,
+            store_dres=store_dres,
+            store_dw=has_weight,
+        )
+        outs = list(
+            pl.pallas_call(
+                kernel,
+                out_shape=out_shape,
+                grid=(programs,),
+                compiler_params=params,
+                interpret=interpret,
+                name="rmsnorm_bwd",
+            )(*inputs)
+        )
+        partial = outs.pop() if has_weight else None
+    else:
+        kernel = functools.partial(
+            _bwd_dx_looped_kernel,
+            n=n,
+            launch=launch,
+            weight_offset=weight_offset,
+            has_weight=has_weight,
+            has_dh=has_dh,
+            store_dres=store_dres,
+        )
+        outs = list(
+            pl.pallas_call(
+                kernel,
+                out_shape=grad_shapes,
+                grid=(m,),
+                compiler_params=params,
+                interpret=interpret,
+                name="rmsnorm_bwd_dx",
+            )(*inputs)
+        )
+        partial = None
+        if has_weight:
+            programs = max(1, min(pl.cdiv(m, DW_TILE_ROWS), DW_LOOPED_MAX_PROGRAMS))
+            partial = pl.pallas_call(
+                functools.partial(_bwd_dw_looped_kernel, m=m, n=n, programs=programs),
+                out_shape=jax.ShapeDtypeStruct((programs, n), F32),
+                grid=(programs, pl.cdiv(n, DW_TILE_COLS)),
+                compiler_params=pltriton.CompilerParams(
+                    num_warps=_warps(DW_TILE_ROWS * DW_TILE_COLS)
+                ),
+                interpret=interpret,
+                name="rmsnorm_bwd_dweight",
+            )(dy, x, rstd)
+    dx = outs[0]
+    dres = outs[1] if store_dres else None
+    dweight = None
+    if has_weight:
+        dweight = rmsnorm_dweight_reduce(partial, weight.dtype, interpret=interpret)
+    return dx, dres, dweight
+
+
+__all__ = [
+    "RowLaunch",
+    "bwd_programs",
+    "next_pow2",
+    "rmsnorm_bwd",
+    "rmsnorm_dweight_reduce",
+    "rmsnorm_fwd",
+    "row_launch",
+]
