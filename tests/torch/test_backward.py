@@ -8,6 +8,7 @@ import accel_torch
 from accel_torch.kernels import MAX_BLOCK_N
 from accel_torch.ops import rmsnorm_bwd, rmsnorm_fwd, rmsnorm_residual_fwd
 
+from .conftest import needs_interpreter
 from .helpers import assert_grad_close, dx_scale, leaf64, rmsnorm64
 
 # rel: fp32 arithmetic error relative to the gradient tensor's scale (see assert_grad_close).
@@ -116,6 +117,7 @@ def test_backward_saves_only_input_and_rstd():
     )
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     x = torch.randn(4, 40, dtype=dtype, requires_grad=True)

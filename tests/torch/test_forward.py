@@ -8,6 +8,7 @@ import accel_torch
 from accel_torch.kernels import MAX_BLOCK_N
 from accel_torch.ops import _rows
 
+from .conftest import needs_interpreter
 from .helpers import assert_within_ulp, reference, rmsnorm64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -103,7 +104,8 @@ def test_fp32_overflowing_sum_of_squares_matches_pytorch():
     assert_within_ulp(y[1:], rmsnorm64(x[1:]))
 
 
-def test_fallback_path_matches_kernels(monkeypatch):
+@needs_interpreter
+def test_fallback_path_matches_kernels():
     x, w = _inputs((3, 100), torch.bfloat16, torch.bfloat16, seed=5)
     y_kernel = accel_torch.rmsnorm(x, w)
     accel_torch.set_interpret(False)

@@ -1,0 +1,19 @@
+import pytest
+
+import accel_torch
+
+
+@pytest.fixture
+def torch_fallback():
+    """Run the test with CPU tensors on the plain-torch path instead of interpreted kernels."""
+    previous = accel_torch.interpret_enabled()
+    accel_torch.set_interpret(False)
+    yield
+    if previous:
+        accel_torch.set_interpret(True)
+
+
+needs_interpreter = pytest.mark.skipif(
+    not accel_torch.interpret_enabled(),
+    reason="runs the kernels on CPU tensors: needs ACCEL_INTERPRET=1",
+)
