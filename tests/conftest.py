@@ -6,15 +6,10 @@ either package (and Triton) is imported, so it is decided here, first.
 """
 
 import os
-import shutil
 
+import torch  # importing torch does not load Triton, so the flag below still takes effect
 
-def _has_cuda() -> bool:
-    # Decided without importing torch: the interpreter flag must be set before Triton loads.
-    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidiactl")
-
-
-if not _has_cuda():
+if not torch.cuda.is_available():
     os.environ.setdefault("ACCEL_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -23,8 +18,6 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -1,0 +1,74 @@
+"""Sweep the Triton kernels' launch parameters on a GPU against a same-bytes copy.
+
+    python scripts/tune_torch.py            # prints one line per (op, shape, config)
+
+Cold timings (L2 flushed, triton.testing.do_bench median, us). Used to choose the launch
+shapes in accel_torch/kernels.py; results go to bench/NOTES.md.
+"""
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from accel_torch import _config, kernels
+
+SHAPES = [(256, 4096), (2048, 4096), (8192, 4096), (2048, 8192), (4096, 16384), (32768, 2048)]
+
+
+def us(fn):
+    return 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_us(numel_moved, dtype):
+    src = torch.empty(numel_moved // 2, dtype=dtype, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    return us(lambda: dst.copy_(src))
+
+
+def fwd(x, w, y, rstd, warps):
+    m, n = x.shape
+    block_n, looped = kernels.row_block(n)
+    kernels.rmsnorm_fwd_kernel[(m,)](
+        x, x, w, y, y, rstd, n, n, n, n, n, 1e-6, 0.0,
+        HAS_RESIDUAL=False, HAS_WEIGHT=True, LLAMA=False, BLOCK_N=block_n, LOOPED=looped,
+        SOFT_BF16=_config.SOFT_BF16, num_warps=warps,
+    )  # fmt: skip
+
+
+def bwd(dy, x, w, rstd, dx, partial, warps, g):
+    m, n = x.shape
+    block_n, looped = kernels.row_block(n)
+    kernels.rmsnorm_bwd_kernel[(g,)](
+        dy, x, w, rstd, dy, dx, dy, partial, n, n, n, n, n, m, n, 0.0,
+        HAS_WEIGHT=True, HAS_DH=False, STORE_DRES=False, BLOCK_N=block_n, LOOPED=looped,
+        SOFT_BF16=_config.SOFT_BF16, num_warps=warps,
+    )  # fmt: skip
+
+
+def main():
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()} sms={sms} torch={torch.__version__} triton={triton.__version__}")
+    for m, n in SHAPES:
+        x = torch.randn(m, n, device="cuda", dtype=dtype)
+        w = torch.randn(n, device="cuda", dtype=dtype)
+        y, dy, dx = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
+        rstd = torch.empty(m, device="cuda", dtype=torch.float32)
+        c2, c3 = copy_us(2 * m * n, dtype), copy_us(3 * m * n, dtype)
+        rms = us(lambda: torch.nn.functional.rms_norm(x, (n,), w, 1e-6))
+        print(f"fwd {m}x{n}: copy {c2:.1f} F.rms_norm {rms:.1f}", flush=True)
+        for warps in (4, 8, 16, 32):
+            t = us(lambda: fwd(x, w, y, rstd, warps))
+            print(f"  fwd warps={warps}: {t:.1f} us = {c2 / t:.0%} of copy", flush=True)
+        print(f"bwd {m}x{n}: copy(3MN) {c3:.1f}", flush=True)
+        for per_sm in (1, 2, 4, 8):
+            g = min(m, per_sm * sms)
+            partial = torch.empty(g, n, device="cuda", dtype=torch.float32)
+            for warps in (4, 8, 16):
+                t = us(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g))
+                print(f"  bwd per_sm={per_sm} warps={warps}: {t:.1f} us = {c3 / t:.0%} of copy", flush=True)
+
+
+if __name__ == "__main__":
+    main()
