@@ -430,7 +430,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("% of same-bytes copy bandwidth")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     how = (
         "solid: cold (L2 flushed), dashed: warm (L2-resident)"
         if len(modes) == 2
@@ -438,7 +438,7 @@ def plot(results: dict, path: Path) -> None:
     )
     fig.suptitle(f"RMSNorm, {results['dtype']}, {results['device']['name']} -- {how}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -288,17 +288,7 @@ def run(cfg: Config) -> dict:
         reason = impl.unavailable(on_gpu, requested=impl.name in requested)
         if reason is None and impl.framework == "jax" and jax_reason:
             reason = jax_reason
-        impl_info.append(
-            {
-                "name": impl.name,
-                "label": impl.label,
-                "framework": impl.framework,
-                "project": impl.project,
-                "description": impl.description,
-                "available": reason is None,
-                "reason": reason,
-            }
-        )
+        impl_info.append(impl_entry(impl, reason))
         if reason is None:
             usable.append(impl)
         else:
@@ -316,6 +306,24 @@ def run(cfg: Config) -> dict:
         cfg.log(f"[{i}/{len(cfg.shapes)}] {shape} done in {time.perf_counter() - t_shape:.1f} s")
 
     host = _host_overhead(cfg, usable, tt, jt, reps) if cfg.host_overhead else []
+    return assemble(cfg, device, impl_info, big_copy, floors, records, host, notes)
+
+
+def impl_entry(impl, reason: str | None) -> dict:
+    """The results' description of one implementation and why it is missing (if it is)."""
+    return {
+        "name": impl.name,
+        "label": impl.label,
+        "framework": impl.framework,
+        "project": impl.project,
+        "description": impl.description,
+        "available": reason is None,
+        "reason": reason,
+    }
+
+
+def assemble(cfg, device, impl_info, big_copy, floors, records, host, notes) -> dict:
+    """The results dictionary (layout: ``bench.report.TOP_KEYS``), derived metrics filled."""
     derive(records, floors, big_copy.get("gbps"))
     return {
         "schema": "accel-rmsnorm-bench",
@@ -329,7 +337,7 @@ def run(cfg: Config) -> dict:
         "shapes": [s.name for s in cfg.shapes],
         "ops": list(cfg.ops),
         "op_titles": {op: OP_TITLES[op] for op in cfg.ops},
-        "timing": _timing_methods(on_gpu),
+        "timing": _timing_methods(device["kind"] == "cuda"),
         "copy_bandwidth": big_copy,
         "impls": impl_info,
         "floors": floors,
@@ -391,7 +399,8 @@ def _big_copy(tt: _Torch, on_gpu: bool, log) -> dict:
     }
 
 
-def _base_record(impl, shape: Shape, op: str, dtype: str) -> dict:
+def new_record(impl, shape: Shape, op: str, dtype: str) -> dict:
+    """A record for (impl, shape, op) with nothing measured yet (status "ok")."""
     return {
         "impl": impl.name,
         "label": impl.label,
@@ -429,7 +438,7 @@ def _run_cell(cfg, shape, op, chosen, usable, impl_info, tt, jt, records, floors
 
     args = {}
     for impl in chosen:
-        rec = _base_record(impl, shape, op, cfg.dtype)
+        rec = new_record(impl, shape, op, cfg.dtype)
         records.append(rec)
         reason = info[impl.name]["reason"] or impl.op_unavailable(op)
         if reason:

@@ -1,0 +1,76 @@
+"""``python -m bench`` end to end on this (CPU-only) machine, in a subprocess.
+
+A subprocess keeps the bench's process-wide settings (accel packages switched to their
+CPU paths, JAX allocator flags) out of the test session. No timing is asserted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("JAX_PLATFORMS") != "cpu", reason="the CPU-only behaviour is tested here"
+)
+
+
+def run_bench(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_cpu_run_says_so_writes_results_and_exits_0(tmp_path):
+    out = tmp_path / "res"
+    proc = run_bench("--quick", "--shapes", "4x64,2x128", "--dtype", "fp32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kernels need CUDA" in proc.stdout
+    assert "[1/2] 4x64" in proc.stderr and "[2/2] 2x128" in proc.stderr  # progress lines
+    assert "CPU wall-clock" in proc.stdout and "missing: liger" in proc.stdout
+
+    data = json.loads((out / "rmsnorm_fp32.json").read_text())
+    assert report.validate(data) == []
+    assert data["device"]["kind"] == "cpu" and data["dtype"] == "fp32"
+    assert data["shapes"] == ["4x64", "2x128"] and data["ops"] == ["fwd", "fused", "fwdbwd"]
+    by = {(r["impl"], r["shape"], r["op"]): r for r in data["records"]}
+    assert len(by) == 8 * 2 * 3  # every implementation, shape and op has a record
+    assert by[("liger", "4x64", "fwd")]["status"] == "missing"
+    assert by[("torch_compile", "4x64", "fwd")]["status"] == "missing"
+    for name in ("torch_eager", "torch_rms_norm", "jax_xla", "flax_linen"):
+        for op in ("fwd", "fused", "fwdbwd"):
+            rec = by[(name, "2x128", op)]
+            assert rec["status"] == "ok", rec
+            assert rec["cold_us"] is None and rec["warm_us"] > 0  # CPU: one wall-clock time
+            assert rec["bytes"] == {"fwd": 2, "fused": 4, "fwdbwd": 5}[op] * 256 * 4
+    assert {f["framework"] for f in data["floors"]} == {"torch", "jax"}
+    assert len(data["host_overhead"]) > 0
+    assert (out / "rmsnorm_fp32.md").read_text().startswith("# RMSNorm benchmark results")
+    assert (out / "rmsnorm_fp32.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_run_never_writes_the_committed_gpu_results():
+    results = ROOT / "bench" / "results"
+    before = sorted(p.name for p in results.iterdir()) if results.exists() else None
+    proc = run_bench("--quick", "--shapes", "2x8", "--out", str(results))
+    assert proc.returncode == 2 and "committed GPU results" in proc.stderr
+    after = sorted(p.name for p in results.iterdir()) if results.exists() else None
+    assert before == after
+
+
+def test_bad_arguments_exit_2():
+    for args in (["--shapes", "4096"], ["--ops", "fwd,bwd"], ["--impls", "cudnn"]):
+        proc = run_bench(*args)
+        assert proc.returncode == 2, args
+        assert "error:" in proc.stderr

@@ -1,0 +1,132 @@
+"""The peer registry: each peer the bench builds computes the benchmarked op.
+
+Outputs are checked against a float64 reference of the contract's math at fp32 (where
+every implementation must agree to ~fp32 rounding): y and h within 1e-5 relative, and
+dx, dw within 1e-5 relative of their largest entry. Missing peers must say why.
+"""
+
+import numpy as np
+import pytest
+
+from bench import impls
+from bench.shapes import Shape
+
+SHAPE = Shape(8, 64)
+EPS = 1e-6
+RTOL = 1e-5
+
+
+def reference(x, w, dy=None, r=None):
+    """float64 forward (and backward): h = x + r, y = h * rstd * w, dx, dw."""
+    x = np.asarray(x, np.float64)
+    h = x if r is None else x + np.asarray(r, np.float64)
+    w = np.asarray(w, np.float64)
+    rstd = 1.0 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + EPS)
+    xhat = h * rstd
+    out = {"y": xhat * w, "h": h}
+    if dy is not None:
+        dy = np.asarray(dy, np.float64)
+        g = dy * w
+        out["dx"] = rstd * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+        out["dw"] = np.sum(dy * xhat, axis=0)
+    return out
+
+
+def close(got, want, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, what
+    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert err <= RTOL, f"{what}: max error {err:.2e} relative to the largest entry"
+
+
+def runnable(framework):
+    out = []
+    for impl in impls.REGISTRY:
+        if impl.framework != framework:
+            continue
+        reason = impl.unavailable(on_gpu=False, requested=True)
+        out.append(pytest.param(impl, marks=pytest.mark.skip(reason) if reason else ()))
+    return out
+
+
+def _np(t):
+    return t.detach().float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+
+
+@pytest.mark.parametrize("impl", runnable("torch"), ids=lambda i: i.name)
+def test_torch_peer_numerics(impl):
+    ops = ("fwd", "fused", "fwdbwd")
+    for op in ops:
+        if impl.op_unavailable(op):
+            continue
+        args = impls.torch_inputs(op, SHAPE, "fp32", "cpu", seed=3)
+        out = impl.build(op, EPS)(*args)
+        a = [_np(t) for t in args]
+        if op == "fwd":
+            close(_np(out), reference(a[0], a[1])["y"], f"{impl.name} fwd y")
+        elif op == "fused":
+            ref = reference(a[0], a[2], r=a[1])
+            assert isinstance(out, tuple) and len(out) == 2
+            close(_np(out[0]), ref["y"], f"{impl.name} fused y")
+            close(_np(out[1]), ref["h"], f"{impl.name} fused h")
+        else:
+            ref = reference(a[0], a[1], dy=a[2])
+            dx, dw = out
+            close(_np(dx), ref["dx"], f"{impl.name} dx")
+            close(_np(dw), ref["dw"], f"{impl.name} dw")
+
+
+@pytest.mark.parametrize("impl", runnable("jax"), ids=lambda i: i.name)
+def test_jax_peer_numerics(impl):
+    import jax
+
+    for op in ("fwd", "fused", "fwdbwd"):
+        args = impls.jax_inputs(op, SHAPE, "fp32", seed=3)
+        out = jax.jit(impl.build(op, EPS))(*args)
+        a = [_np(t) for t in args]
+        if op == "fwd":
+            close(out, reference(a[0], a[1])["y"], f"{impl.name} fwd y")
+        elif op == "fused":
+            ref = reference(a[0], a[2], r=a[1])
+            close(out[0], ref["y"], f"{impl.name} fused y")
+            close(out[1], ref["h"], f"{impl.name} fused h")
+        else:
+            ref = reference(a[0], a[1], dy=a[2])
+            y, dx, dw = out
+            close(y, ref["y"], f"{impl.name} fwdbwd y")
+            close(dx, ref["dx"], f"{impl.name} dx")
+            close(dw, ref["dw"], f"{impl.name} dw")
+
+
+def test_inputs_dtypes_and_shapes():
+    import torch
+
+    x, r, w = impls.torch_inputs("fused", SHAPE, "bf16", "cpu")
+    assert x.shape == r.shape == (8, 64) and w.shape == (64,)
+    assert x.dtype == r.dtype == w.dtype == torch.bfloat16
+    x, w, dy = impls.torch_inputs("fwdbwd", SHAPE, "fp16", "cpu")
+    assert x.requires_grad and w.requires_grad and not dy.requires_grad
+    jx, jw, jdy = impls.jax_inputs("fwdbwd", SHAPE, "bf16")
+    assert str(jx.dtype) == str(jw.dtype) == "bfloat16" and jdy.shape == (8, 64)
+
+
+def test_missing_peers_say_why():
+    liger = impls.BY_NAME["liger"]
+    reason = liger.unavailable(on_gpu=False)
+    assert reason and ("not installed" in reason or "CUDA" in reason)
+    compiled = impls.BY_NAME["torch_compile"]
+    assert "CPU" in compiled.unavailable(on_gpu=False)
+    assert compiled.unavailable(on_gpu=False, requested=True) is None
+    broken = impls.Impl(
+        "nope", "nope", "torch", False, "", lambda: "nope not installed", lambda op, eps: None
+    )
+    assert broken.unavailable(on_gpu=True) == "nope not installed"
+
+
+def test_select():
+    assert [i.name for i in impls.select(None)] == [i.name for i in impls.REGISTRY]
+    assert [i.name for i in impls.select("accel_jax,torch_eager")] == ["torch_eager", "accel_jax"]
+    with pytest.raises(ValueError, match="unknown implementations"):
+        impls.select("torch_eager,cudnn")
+    assert {i.framework for i in impls.REGISTRY} == {"torch", "jax"}
+    assert [i.name for i in impls.REGISTRY if i.project] == ["accel_torch", "accel_jax"]

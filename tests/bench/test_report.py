@@ -1,0 +1,88 @@
+"""Tables, JSON schema, markdown and the PNG plot, on synthetic results (no timing)."""
+
+import json
+import math
+
+import pytest
+
+from bench import report
+
+from .fakes import synthetic_results
+
+
+@pytest.fixture(params=["cuda", "cpu"])
+def results(request):
+    return synthetic_results(request.param)
+
+
+def test_schema_accepts_what_the_runner_assembles(results):
+    assert report.validate(results) == []
+
+
+def test_schema_catches_problems():
+    res = synthetic_results()
+    del res["versions"]["jaxlib"]
+    res["records"][0]["status"] = "great"
+    res["records"][1]["cold_us"] = "fast"
+    res["floors"][0].pop("warm_us")
+    bad = report.validate(res)
+    assert any("jaxlib" in p for p in bad)
+    assert any("status 'great'" in p for p in bad)
+    assert any("'cold_us' is str" in p for p in bad)
+    assert any("floors[0]" in p for p in bad)
+    res = synthetic_results()
+    miss = next(r for r in res["records"] if r["status"] == "missing")
+    miss["reason"] = None
+    assert any("without a reason" in p for p in report.validate(res))
+    assert report.validate({"schema": "x"})  # incomplete top level
+
+
+def test_time_table_cells():
+    res = synthetic_results()
+    header, rows = report.time_table(res, "fwd", "cold")
+    assert header[:4] == ["shape", "MB moved", "copy (torch)", "copy (jax)"]
+    assert "liger" not in header  # never timed: a missing column, listed below the tables
+    row = dict(zip(header, rows[0], strict=True))
+    assert row["shape"] == "2048x4096" and row["MB moved"] == "33.6"
+    assert row["copy (torch)"] == "16.7"
+    assert row["accel_torch"] == "20.0 (84%)"  # 16.7 / 20.0
+    assert row["eager"] == "60.0 (28%)"
+    _, rows = report.time_table(res, "fwdbwd", "cold")
+    assert dict(zip(header, rows[0], strict=True))["compile"] == "error"
+
+
+def test_speedup_table_cells():
+    res = synthetic_results()
+    header, rows = report.speedup_table(res, "fused", "cold")
+    row = dict(zip(header, rows[0], strict=True))
+    assert row["accel_torch"] == "3.00x / 1.50x"  # eager 60 / 20; best peer F.rms_norm 30 / 20
+    assert row["eager"].startswith("1.00x / ")
+
+
+def test_text_and_markdown_reports(results):
+    text = report.text_report(results)
+    md = report.markdown_report(results)
+    for out in (text, md):
+        assert "2048x4096" in out and "256x4096" in out
+        assert "missing: liger" in out and "fake failure" in out
+        assert "host overhead" in out.lower() and "peak memory" in out.lower()
+    assert md.count("| shape |") >= 3
+    if results["device"]["kind"] == "cuda":
+        assert "cold us (L2 flushed)" in text and "20.0 (84%)" in text
+    else:
+        assert "CPU wall-clock" in text and "cold us" not in text
+
+
+def test_write_all(results, tmp_path):
+    paths = report.write_all(results, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert report.validate(data) == []
+    assert data["records"] == results["records"]
+    assert all(
+        not (isinstance(v, float) and not math.isfinite(v))
+        for r in data["records"]
+        for v in r.values()
+    )
+    assert paths["markdown"].read_text().startswith("# RMSNorm benchmark results")
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
