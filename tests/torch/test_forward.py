@@ -9,7 +9,7 @@ from accel_torch.kernels import MAX_BLOCK_N
 from accel_torch.ops import _rows
 
 from .conftest import needs_interpreter
-from .helpers import assert_within_ulp, reference, rmsnorm64
+from .helpers import assert_llama_matches_hf, assert_within_ulp, rmsnorm64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(0, 8), (1, 1), (3, 7), (2, 3, 33), (4, 1000), (2, MAX_BLOCK_N + 123)]
@@ -29,7 +29,10 @@ def test_rmsnorm_matches_float64(shape, dtype, casting):
     x, w = _inputs(shape, dtype, dtype)
     y = accel_torch.rmsnorm(x, w, 1e-5, casting=casting)
     assert y.dtype == dtype and y.shape == x.shape
-    assert_within_ulp(y, reference(x, w, 1e-5, casting=casting))
+    if casting == "llama":
+        assert_llama_matches_hf(y, x, w, 1e-5)
+    else:
+        assert_within_ulp(y, rmsnorm64(x, w, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -60,7 +63,10 @@ def test_fused_residual(shape, dtype, residual_dtype, casting):
     # h is x + r rounded once from the exact sum (fp32 addition of two inputs of <= 24 bits
     # is exact for bf16/fp16, and correctly rounded for fp32).
     assert torch.equal(h, h_expected)
-    assert_within_ulp(y, reference(h, w, casting=casting))
+    if casting == "llama":  # LlamaRMSNorm applied to the residual stream h, y in x's dtype
+        assert_llama_matches_hf(y, h, w, out_dtype=dtype)
+    else:
+        assert_within_ulp(y, rmsnorm64(h, w))
     y_only = accel_torch.rmsnorm_residual_fused(
         x, r, w, casting=casting, residual_dtype=residual_dtype
     )
