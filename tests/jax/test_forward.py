@@ -73,8 +73,9 @@ def test_weight_dtype_offset_and_no_weight(wdtype, offset, casting):
         (jnp.float16, jnp.float16, None),
         (jnp.bfloat16, jnp.float32, jnp.float32),
         (jnp.bfloat16, jnp.bfloat16, jnp.float32),
+        (jnp.float16, jnp.float32, None),
     ],
-    ids=["f32", "bf16", "f16", "bf16+f32res", "bf16->f32h"],
+    ids=["f32", "bf16", "f16", "bf16+f32res", "bf16->f32h", "f16+f32res->f16h"],
 )
 @pytest.mark.parametrize("casting", ["fp32", "llama"])
 def test_fused_matches_float64(shape, xdtype, rdtype, residual_dtype, casting):
@@ -88,7 +89,7 @@ def test_fused_matches_float64(shape, xdtype, rdtype, residual_dtype, casting):
     h_dtype = jnp.dtype(residual_dtype or xdtype)
     assert y.dtype == x.dtype and h.dtype == h_dtype and h.shape == x.shape
     _, h64, _ = fwd64(x, r, w, casting=casting, round_dtype=h_dtype)
-    # h is one rounding of an exact sum: bit-identical to the reference.
+    # h = round(h_dtype, fp32 sum): bit-identical to the reference.
     np.testing.assert_array_equal(f64(h), h64)
     check_forward(y, x, r, w, casting=casting, round_dtype=h_dtype, h=h)
     y_only = accel_jax.rmsnorm_residual_fused(
