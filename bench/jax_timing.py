@@ -17,6 +17,7 @@ here than under torch's CUDA-graph replay; the kernel names are kept in the resu
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
 
 from bench.metrics import median
@@ -67,14 +68,23 @@ def call_us(per_call: Sequence[KernelRecords]) -> list[float]:
     return [1e3 * sum(ms for _, ms in records) for records in per_call]
 
 
+def _base_name(name: str) -> str:
+    """A kernel name without XLA's uniquifying suffixes (``fusion.2`` / ``fusion_2``)."""
+    return re.sub(r"([._]\d+)+$", "", name)
+
+
 def drop_kernels(records: KernelRecords, names: Sequence[str]) -> KernelRecords:
     """``records`` without one occurrence (the earliest) of each kernel named in ``names``.
 
-    Raises ValueError if a name is absent: the flush was not where it was expected.
+    A name matches exactly or, failing that, up to XLA's numeric suffixes. Raises
+    ValueError if a name is absent: the flush was not where it was expected.
     """
     out = list(records)
     for name in names:
         idx = next((i for i, (n, _) in enumerate(out) if n == name), None)
+        if idx is None:
+            base = _base_name(name)
+            idx = next((i for i, (n, _) in enumerate(out) if _base_name(n) == base), None)
         if idx is None:
             raise ValueError(f"kernel {name!r} not found among {[n for n, _ in out]}")
         del out[idx]
@@ -112,9 +122,9 @@ def cold(
     import jax
 
     buf, salt = _flush_state(flush_bytes)
-    flush_names = [
-        n for n, _ in call_records(measure, jax.jit(lambda b, s: b ^ s), (buf, salt), 1)[0]
-    ]
+    # The flush alone, built like the flushed call below (same barrier), names its kernels.
+    flush_only = jax.jit(lambda b, s: jax.lax.optimization_barrier((b ^ s, ()))[0])
+    flush_names = [n for n, _ in call_records(measure, flush_only, (buf, salt), 1)[0]]
 
     def flushed_call(b, s, *a):
         # The op's inputs pass through the barrier with the flush's output, so every kernel

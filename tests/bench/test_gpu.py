@@ -1,0 +1,112 @@
+"""GPU checks of the benchmark (skipped without CUDA; the lead runs them on the H100).
+
+- every peer the bench builds computes the benchmarked op at a real size (Liger and
+  torch.compile included where installed), against float64 at fp32;
+- ``python -m bench --quick`` at one real shape: every available implementation gets a
+  cold and a warm device time, JAX through CUPTI with the flush kernel separated, and
+  the JSON conforms. Timings are printed (run with -s), not asserted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import impls, report
+from bench.shapes import Shape
+
+from .test_impls import EPS, close, reference
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[2]
+SHAPE = Shape(2048, 4096)
+
+
+def _np(t):
+    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+
+
+def _gpu_impls(framework):
+    out = []
+    for impl in impls.REGISTRY:
+        if impl.framework == framework:
+            reason = impl.unavailable(on_gpu=True, requested=True)
+            out.append(pytest.param(impl, marks=pytest.mark.skip(reason) if reason else ()))
+    return out
+
+
+@pytest.mark.parametrize("impl", _gpu_impls("torch"), ids=lambda i: i.name)
+def test_torch_peers_on_gpu(impl):
+    for op in ("fwd", "fused", "fwdbwd"):
+        if impl.op_unavailable(op):
+            continue
+        args = impls.torch_inputs(op, SHAPE, "fp32", "cuda", seed=5)
+        out = impl.build(op, EPS)(*args)
+        a = [_np(t) for t in args]
+        if op == "fwd":
+            close(_np(out), reference(a[0], a[1])["y"], f"{impl.name} fwd y")
+        elif op == "fused":
+            ref = reference(a[0], a[2], r=a[1])
+            close(_np(out[0]), ref["y"], f"{impl.name} fused y")
+            close(_np(out[1]), ref["h"], f"{impl.name} fused h")
+        else:
+            ref = reference(a[0], a[1], dy=a[2])
+            close(_np(out[0]), ref["dx"], f"{impl.name} dx")
+            close(_np(out[1]), ref["dw"], f"{impl.name} dw")
+
+
+@pytest.mark.parametrize("impl", _gpu_impls("jax"), ids=lambda i: i.name)
+def test_jax_peers_on_gpu(impl):
+    import jax
+
+    for op in ("fwd", "fused", "fwdbwd"):
+        args = impls.jax_inputs(op, SHAPE, "fp32", seed=5)
+        out = jax.jit(impl.build(op, EPS))(*args)
+        a = [_np(t) for t in args]
+        if op == "fwd":
+            close(out, reference(a[0], a[1])["y"], f"{impl.name} fwd y")
+        elif op == "fused":
+            ref = reference(a[0], a[2], r=a[1])
+            close(out[0], ref["y"], f"{impl.name} fused y")
+            close(out[1], ref["h"], f"{impl.name} fused h")
+        else:
+            ref = reference(a[0], a[1], dy=a[2])
+            close(out[1], ref["dx"], f"{impl.name} dx")
+            close(out[2], ref["dw"], f"{impl.name} dw")
+
+
+def test_bench_quick_run_on_gpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--shapes", SHAPE.name, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    print(proc.stdout[-20000:])
+    print(proc.stderr[-5000:], file=sys.stderr)
+    assert proc.returncode == 0
+    data = json.loads((tmp_path / "rmsnorm_bf16.json").read_text())
+    assert report.validate(data) == []
+    assert data["device"]["kind"] == "cuda" and data["copy_bandwidth"]["gbps"] > 0
+    for floor in data["floors"]:
+        assert floor["cold_us"] > 0 and floor["warm_us"] > 0, floor
+    available = {d["name"] for d in data["impls"] if d["available"]}
+    assert {"torch_eager", "torch_rms_norm", "jax_xla"} <= available
+    for rec in data["records"]:
+        if rec["impl"] not in available or rec["status"] == "missing":
+            continue
+        where = f"{rec['impl']} {rec['op']}: {rec['reason']} {rec['notes']}"
+        assert rec["status"] == "ok", where
+        assert rec["cold_us"] > 0 and rec["warm_us"] > 0, where
+        assert rec["cold_copy_share"] is not None and rec["cold_vs_torch_eager"] is not None
+        if rec["framework"] == "jax":
+            assert rec["kernels"], where  # CUPTI saw the op's kernels
+        if rec["op"] == "fwdbwd":
+            assert rec["peak_mem_bytes"] and rec["peak_mem_bytes"] > 0, where
+    assert all(h["status"] == "ok" and h["us_per_call"] > 0 for h in data["host_overhead"])
