@@ -100,7 +100,9 @@ def reference(case: Case, inp: Inputs) -> Reference:
             outs.append(h64)
             cots.append(inp.dh.double())
         grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
-        grads = [torch.zeros_like(lf) if gr is None else gr for gr, lf in zip(grads, leaves)]
+        grads = [
+            torch.zeros_like(lf) if gr is None else gr for gr, lf in zip(grads, leaves, strict=True)
+        ]
         dx = grads[0]
         if case.fused:
             dr = grads[1]
