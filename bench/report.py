@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.metrics import median
+
 SCHEMA_VERSION = 1
 TOP_KEYS = {
     "schema": str,
@@ -262,6 +264,24 @@ def host_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def first_call_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows = ops; cells = median over shapes of the first call's seconds (compile, JIT)."""
+    cols = _columns(results)
+    header = ["op"] + [c["label"] for c in cols]
+    rows = []
+    for op in results["ops"]:
+        row = [op]
+        for c in cols:
+            secs = [
+                r["first_call_s"]
+                for r in results["records"]
+                if r["op"] == op and r["impl"] == c["name"] and r["first_call_s"] is not None
+            ]
+            row.append(f"{median(secs):.2f}" if secs else "-")
+        rows.append(row)
+    return header, rows
+
+
 def render_text(header: list[str], rows: list[list[str]]) -> str:
     """Fixed-width table: first column left-aligned, the rest right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
@@ -353,6 +373,8 @@ def text_report(results: dict) -> str:
     if results["host_overhead"]:
         out += ["", "== host overhead: CPU us per call at 1x4096 (eager torch / jitted JAX)"]
         out.append(render_text(*host_table(results)))
+    out += ["", "== first call, s (compilation / JIT included), median over shapes"]
+    out.append(render_text(*first_call_table(results)))
     missing = _missing_lines(results)
     if missing:
         out += [""] + missing
@@ -379,6 +401,8 @@ def markdown_report(results: dict) -> str:
     if results["host_overhead"]:
         out += ["", "## Host overhead (CPU us per call at 1x4096)", ""]
         out.append(render_markdown(*host_table(results)))
+    out += ["", "## First call, s (compilation / JIT included), median over shapes", ""]
+    out.append(render_markdown(*first_call_table(results)))
     missing = _missing_lines(results)
     if missing:
         out += ["", "## Missing or failed", ""] + [f"- {line}" for line in missing]

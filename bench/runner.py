@@ -28,6 +28,7 @@ from bench.shapes import (
 )
 
 CPU_BIG_COPY_BYTES = 64 << 20  # the CPU stand-in for the 1 GiB copy
+MIN_FLUSH_BYTES = 128 << 20  # JAX cold runs: smallest L2-flush buffer
 
 
 @dataclass
@@ -184,8 +185,8 @@ class _Jax:
         self.measure, self.reason = (None, None)
         if on_gpu:
             self.measure, self.reason = jax_timing.load_profiler()
-        # Flush several times the L2 (50 MB on an H100), at least 128 MiB.
-        self.flush_bytes = max(128 << 20, 4 * (l2_bytes or 0))
+        # Flush several times the L2 (50 MB on an H100), at least MIN_FLUSH_BYTES.
+        self.flush_bytes = max(MIN_FLUSH_BYTES, 4 * (l2_bytes or 0))
 
     def times(self, f: Callable, args: tuple, notes: list[str]) -> tuple:
         """(cold_us, warm_us, kernel names of one call)."""

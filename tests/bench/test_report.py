@@ -67,6 +67,7 @@ def test_text_and_markdown_reports(results):
         assert "missing: liger" in out and "fake failure" in out
         assert "host overhead" in out.lower() and "peak memory" in out.lower()
     assert md.count("| shape |") >= 3
+    assert "first call" in text.lower() and "0.50" in text  # fakes: 0.5 s first calls
     if results["device"]["kind"] == "cuda":
         assert "cold us (L2 flushed)" in text and "20.0 (84%)" in text
     else:
