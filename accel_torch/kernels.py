@@ -119,6 +119,7 @@ def rmsnorm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     LOOPED: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    PREFETCH: tl.constexpr = True,
 ):  # fmt: skip
     """Persistent programs: program p takes rows p, p+G, ... and accumulates its share of
     dweight in fp32, written to row p of DW_PARTIAL (G, N) for a deterministic reduction.
@@ -135,10 +136,22 @@ def rmsnorm_bwd_kernel(
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # Loads of the next row are issued before this row's reduction (by hand: a row's
+        # reduction sits between its loads and stores, so little else would be in flight).
+        row = pid.to(tl.int64)
+        x_next = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        dy_next = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0)
         for i in range(0, tl.cdiv(M - pid, num_programs)):
             row = pid.to(tl.int64) + i * num_programs
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            if PREFETCH:
+                nxt = tl.minimum(row + num_programs, M - 1)  # past the end: reread a row
+                x_next = tl.load(X + nxt * stride_x + cols, mask=mask, other=0.0)
+                dy_next = tl.load(DY + nxt * stride_dy + cols, mask=mask, other=0.0)
+            else:
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row)
             xhat = x * rstd
             g = dy * w if HAS_WEIGHT else dy

@@ -10,6 +10,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+import accel_torch
 from accel_torch import _config, kernels
 
 SHAPES = [(256, 4096), (2048, 4096), (8192, 4096), (2048, 8192), (4096, 16384), (32768, 2048)]
@@ -35,21 +36,32 @@ def fwd(x, w, y, rstd, warps):
     )  # fmt: skip
 
 
-def bwd(dy, x, w, rstd, dx, partial, warps, g):
+def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch=True, block=None):
     m, n = x.shape
     block_n, looped = kernels.row_block(n)
+    if block is not None:
+        block_n, looped = block, block < n
     kernels.rmsnorm_bwd_kernel[(g,)](
         dy, x, w, rstd, dy, dx, dy, partial, n, n, n, n, n, m, n, 0.0,
         HAS_WEIGHT=True, HAS_DH=False, STORE_DRES=False, BLOCK_N=block_n, LOOPED=looped,
-        SOFT_BF16=_config.SOFT_BF16, num_warps=warps,
+        SOFT_BF16=_config.SOFT_BF16, PREFETCH=prefetch, num_warps=warps,
     )  # fmt: skip
+
+
+def reduce(partial, dw, block_g, block_n, warps):
+    g, n = partial.shape
+    kernels.dweight_reduce_kernel[(triton.cdiv(n, block_n),)](
+        partial, dw, g, n, BLOCK_G=block_g, BLOCK_N=block_n, SOFT_BF16=False, num_warps=warps
+    )
 
 
 def main():
     torch.manual_seed(0)
     dtype = torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{torch.cuda.get_device_name()} sms={sms} torch={torch.__version__} triton={triton.__version__}")
+    print(
+        f"{torch.cuda.get_device_name()} sms={sms} torch={torch.__version__} triton={triton.__version__}"
+    )
     for m, n in SHAPES:
         x = torch.randn(m, n, device="cuda", dtype=dtype)
         w = torch.randn(n, device="cuda", dtype=dtype)
@@ -62,12 +74,40 @@ def main():
             t = us(lambda: fwd(x, w, y, rstd, warps))
             print(f"  fwd warps={warps}: {t:.1f} us = {c2 / t:.0%} of copy", flush=True)
         print(f"bwd {m}x{n}: copy(3MN) {c3:.1f}", flush=True)
-        for per_sm in (1, 2, 4, 8):
+        for per_sm in (1, 2, 4):
             g = min(m, per_sm * sms)
-            partial = torch.empty(g, n, device="cuda", dtype=torch.float32)
-            for warps in (4, 8, 16):
-                t = us(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g))
-                print(f"  bwd per_sm={per_sm} warps={warps}: {t:.1f} us = {c3 / t:.0%} of copy", flush=True)
+            partial = torch.zeros(g, n, device="cuda", dtype=torch.float32)
+            for warps in (4, 8, 16, 32):
+                for prefetch in (False, True):
+                    t = us(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch))
+                    print(
+                        f"  bwd per_sm={per_sm} warps={warps} prefetch={prefetch}: {t:.1f} us"
+                        f" = {c3 / t:.0%} of copy",
+                        flush=True,
+                    )
+            if n >= 8192:
+                for block in (2048, 4096):
+                    for warps in (4, 8):
+                        t = us(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g, True, block))
+                        print(
+                            f"  bwd looped block={block} per_sm={per_sm} warps={warps}: "
+                            f"{t:.1f} us = {c3 / t:.0%} of copy",
+                            flush=True,
+                        )
+            dw = torch.empty(n, device="cuda", dtype=dtype)
+            for block_g, block_n, warps in ((32, 128, 4), (32, 64, 4), (16, 32, 2), (64, 32, 4)):
+                t = us(lambda: reduce(partial, dw, block_g, block_n, warps))
+                print(
+                    f"  reduce g={g} BLOCK_G={block_g} BLOCK_N={block_n} warps={warps}: {t:.1f} us",
+                    flush=True,
+                )
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        c5 = copy_us(5 * m * n, dtype)
+        t = us(lambda: torch.autograd.grad(accel_torch.rmsnorm(xg, wg), (xg, wg), dy))
+        print(
+            f"fwd+bwd (public API) {m}x{n}: {t:.1f} us, copy(5MN) {c5:.1f}: {t / c5:.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
