@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (a sweep: each lambda is timed at once, inside its loop)
 """Sweep the Triton kernels' launch parameters on a GPU against a same-bytes copy.
 
     python scripts/tune_torch.py            # prints one line per (op, shape, config)
