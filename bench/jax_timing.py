@@ -16,6 +16,7 @@ here than under torch's CUDA-graph replay; the kernel names are kept in the resu
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -99,12 +100,24 @@ def warm(measure: Callable, f: Callable, args: Sequence, calls: int) -> tuple[fl
     return median(call_us(per_call)), [n for n, _ in per_call[0]]
 
 
+@functools.lru_cache(maxsize=2)
 def _flush_state(flush_bytes: int):
+    """The flush buffer and salt, made once per size (kept for the run)."""
     import jax.numpy as jnp
 
     buf = jnp.ones((flush_bytes // 4,), jnp.int32)
     salt = jnp.asarray(0x5A5A, jnp.int32)  # a runtime scalar: XLA cannot fold the xor away
     return buf, salt
+
+
+@functools.lru_cache(maxsize=4)
+def _flush_names(measure: Callable, flush_bytes: int) -> tuple[str, ...]:
+    """Kernel names of the flush alone, built like the flushed call (same barrier)."""
+    import jax
+
+    flush_only = jax.jit(lambda b, s: jax.lax.optimization_barrier((b ^ s, ()))[0])
+    records = call_records(measure, flush_only, _flush_state(flush_bytes), 1)[0]
+    return tuple(n for n, _ in records)
 
 
 def cold(
@@ -122,9 +135,7 @@ def cold(
     import jax
 
     buf, salt = _flush_state(flush_bytes)
-    # The flush alone, built like the flushed call below (same barrier), names its kernels.
-    flush_only = jax.jit(lambda b, s: jax.lax.optimization_barrier((b ^ s, ()))[0])
-    flush_names = [n for n, _ in call_records(measure, flush_only, (buf, salt), 1)[0]]
+    flush_names = _flush_names(measure, flush_bytes)
 
     def flushed_call(b, s, *a):
         # The op's inputs pass through the barrier with the flush's output, so every kernel

@@ -9,6 +9,7 @@ cell reads ``us (share%)`` where share is the same-bytes copy's time over the op
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from bench.metrics import median
@@ -349,7 +350,18 @@ def _missing_lines(results: dict) -> list[str]:
             if key not in seen:
                 seen.add(key)
                 lines.append(f"{r['status']}: {r['impl']} {r['op']} ({r['shape']}): {r['reason']}")
+        elif r["status"] == "ok":
+            lines += [f"note: {r['impl']} {r['op']} ({r['shape']}): {n}" for n in r["notes"]]
     return lines
+
+
+def _kernel_lines(results: dict) -> list[str]:
+    first = results["shapes"][0] if results["shapes"] else None
+    return [
+        f"- {r['impl']} {r['op']}: {', '.join(r['kernels'])}"
+        for r in results["records"]
+        if r["shape"] == first and r["kernels"]
+    ]
 
 
 def text_report(results: dict) -> str:
@@ -403,6 +415,9 @@ def markdown_report(results: dict) -> str:
         out.append(render_markdown(*host_table(results)))
     out += ["", "## First call, s (compilation / JIT included), median over shapes", ""]
     out.append(render_markdown(*first_call_table(results)))
+    kernels = _kernel_lines(results)
+    if kernels:
+        out += ["", "## JAX kernels per call (CUPTI, first shape)", ""] + kernels
     missing = _missing_lines(results)
     if missing:
         out += ["", "## Missing or failed", ""] + [f"- {line}" for line in missing]
@@ -466,6 +481,17 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _finite(obj):
+    """A copy of ``obj`` with NaN / inf floats as None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write JSON, markdown and PNG into ``out_dir``; returns their paths by kind."""
     out_dir = Path(out_dir)
@@ -476,7 +502,7 @@ def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
         "markdown": out_dir / f"{stem}.md",
         "png": out_dir / f"{stem}.png",
     }
-    paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown_report(results))
     plot(results, paths["png"])
     return paths

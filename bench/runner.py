@@ -1,7 +1,7 @@
 """Runs the benchmark: every (shape, op, implementation), the copy floors, host overhead.
 
 ``run(config)`` returns the results dictionary that ``bench.report`` prints and writes
-(its layout is ``bench.report.SCHEMA``). Nothing here fails the run: an implementation
+(its layout is checked by ``bench.report.validate``). Nothing here fails the run: an implementation
 that is missing or raises is recorded with its reason and the run goes on.
 """
 

@@ -60,12 +60,16 @@ def test_speedup_table_cells():
 
 
 def test_text_and_markdown_reports(results):
+    ok = next(r for r in results["records"] if r["impl"] == "accel_torch" and r["op"] == "fwd")
+    ok["notes"].append("warm (CUDA graph): RuntimeError: capture failed")
     text = report.text_report(results)
     md = report.markdown_report(results)
     for out in (text, md):
         assert "2048x4096" in out and "256x4096" in out
         assert "missing: liger" in out and "fake failure" in out
         assert "host overhead" in out.lower() and "peak memory" in out.lower()
+        assert "note: accel_torch fwd (2048x4096): warm (CUDA graph): RuntimeError" in out
+    assert "- jax_xla fwdbwd: fusion" in md  # the JAX kernels CUPTI saw, for auditing
     assert md.count("| shape |") >= 3
     assert "first call" in text.lower() and "0.50" in text  # fakes: 0.5 s first calls
     if results["device"]["kind"] == "cuda":
@@ -75,10 +79,12 @@ def test_text_and_markdown_reports(results):
 
 
 def test_write_all(results, tmp_path):
+    results["records"][-1]["notes"].append(float("nan"))  # never written as NaN
     paths = report.write_all(results, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert report.validate(data) == []
-    assert data["records"] == results["records"]
+    assert data["records"][:-1] == results["records"][:-1]
+    assert data["records"][-1]["notes"] == [None]
     assert all(
         not (isinstance(v, float) and not math.isfinite(v))
         for r in data["records"]
