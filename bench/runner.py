@@ -275,6 +275,9 @@ def run(cfg: Config) -> dict:
             "plain CPU paths at small shapes, not kernel numbers."
         )
         notes += _cpu_fallback_paths()
+        # Intra-op threads waiting on each other made CPU timings erratic on busy machines.
+        torch.set_num_threads(1)
+        notes.append("CPU run: torch limited to 1 thread for steadier timings")
 
     jax_reason = _jax_reason(on_gpu) if any(i.framework == "jax" for i in chosen) else None
     tt = _Torch(on_gpu, reps)
