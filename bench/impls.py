@@ -117,7 +117,10 @@ def _build_torch_compile(op: str, eps: float) -> Callable:
             return _torch_eager_fwd(h, w, eps), h
 
         return torch.compile(fused_eager, dynamic=False)
-    compiled = torch.compile(functools.partial(_torch_eager_fwd, eps=eps), dynamic=False)
+    def fwd_eager(x, w):
+        return _torch_eager_fwd(x, w, eps)
+
+    compiled = torch.compile(fwd_eager, dynamic=False)
     return _torch_ops(lambda x, w, _eps: compiled(x, w), op, eps)
 
 
