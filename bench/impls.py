@@ -117,6 +117,7 @@ def _build_torch_compile(op: str, eps: float) -> Callable:
             return _torch_eager_fwd(h, w, eps), h
 
         return torch.compile(fused_eager, dynamic=False)
+
     def fwd_eager(x, w):
         return _torch_eager_fwd(x, w, eps)
 
