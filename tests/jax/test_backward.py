@@ -8,7 +8,7 @@ from jax.test_util import check_grads
 
 import accel_jax
 from accel_jax import kernels
-from tests.jax.helpers import DTYPES, assert_grad_close, bwd64, dtype_name, f64, fwd64, rand
+from tests.jax.helpers import DTYPES, assert_grad_close, bwd64, f64, fwd64, rand
 
 # single block, ragged N, N = 1, many rows (G < row blocks: programs loop), looped path
 SHAPES = [(3, 1), (2, 5, 33), (9, 1000), (600, 64), (3, 20000)]

@@ -40,7 +40,7 @@ def test_jit_matches_eager():
     jitted = jax.jit(
         lambda x, r, w: accel_jax.rmsnorm_residual_fused(x, r, w, return_residual=True)
     )(x, r, w)
-    for a, b in zip(eager, jitted):
+    for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -50,7 +50,7 @@ def test_grad_under_jit_matches_eager_grad():
     g_jit = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)))(x, r, w)
     # Interpreted kernels are XLA:CPU code, whose FMA contraction depends on the fusion
     # around them: eager and jitted may differ in the last fp32 bit or two.
-    for a, b in zip(g_eager, g_jit):
+    for a, b in zip(g_eager, g_jit, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
@@ -68,25 +68,28 @@ def test_vmap(in_axes):
     def f(x, r, w):
         return accel_jax.rmsnorm_residual_fused(x, r, w, return_residual=True)
 
+    def example(args, i):
+        return [
+            t if ax is None else jnp.take(t, i, axis=ax)
+            for t, ax in zip(args, in_axes, strict=True)
+        ]
+
     y, h = jax.vmap(f, in_axes=in_axes)(*args)
     for i in range(b):
-        sl = [a if ax is None else jnp.take(a, i, axis=ax) for a, ax in zip(args, in_axes)]
-        ye, he = f(*sl)
+        ye, he = f(*example(args, i))
         np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(ye))
         np.testing.assert_array_equal(np.asarray(h[i]), np.asarray(he))
-    # gradients through vmap
-    gv = jax.grad(lambda *a: jnp.sum(jax.vmap(f, in_axes=in_axes)(*a)[0] ** 2), argnums=(0, 1, 2))
-    gl = jax.grad(
-        lambda *a: sum(
-            jnp.sum(
-                f(*[t if ax is None else jnp.take(t, i, axis=ax) for t, ax in zip(a, in_axes)])[0]
-                ** 2
-            )
-            for i in range(b)
-        ),
-        argnums=(0, 1, 2),
-    )
-    for a, e in zip(gv(*args), gl(*args)):
+
+    # gradients through vmap equal the sum of per-example gradients
+    def batched_loss(*a):
+        return jnp.sum(jax.vmap(f, in_axes=in_axes)(*a)[0] ** 2)
+
+    def looped_loss(*a):
+        return sum(jnp.sum(f(*example(a, i))[0] ** 2) for i in range(b))
+
+    gv = jax.grad(batched_loss, argnums=(0, 1, 2))
+    gl = jax.grad(looped_loss, argnums=(0, 1, 2))
+    for a, e in zip(gv(*args), gl(*args), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
 
 
@@ -94,7 +97,7 @@ def test_checkpoint():
     x, r, w = _inputs()
     plain = jax.grad(_loss, argnums=(0, 1, 2))(x, r, w)
     remat = jax.grad(jax.checkpoint(_loss), argnums=(0, 1, 2))(x, r, w)
-    for a, b in zip(plain, remat):
+    for a, b in zip(plain, remat, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -134,7 +137,7 @@ def test_scan_layer_stack():
     v_ref, g_ref = jax.value_and_grad(model_ref, argnums=(0, 1, 2))(x0, ws, mats)
     np.testing.assert_allclose(float(v_scan), float(v_unr), rtol=1e-6)
     np.testing.assert_allclose(float(v_scan), float(v_ref), rtol=1e-5)
-    for a, b, c in zip(g_scan, g_unr, g_ref):
+    for a, b, c in zip(g_scan, g_unr, g_ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5)
 
@@ -143,10 +146,8 @@ def test_reference_autodiff_agrees_with_custom_vjp():
     """rmsnorm_reference is differentiated by JAX itself: the same gradient as ours."""
     x, r, w = _inputs()
     ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(accel_jax.rmsnorm(x, w))), (0, 1))(x, w)
-    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(accel_jax.rmsnorm_reference(x, w))), (0, 1))(
-        x, w
-    )
-    for a, b in zip(ours, ref):
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(accel_jax.rmsnorm_reference(x, w))), (0, 1))(x, w)
+    for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -190,13 +191,15 @@ def test_triton_deprecation_warning_is_filtered_and_others_are_not():
         warnings.simplefilter("always")
         ops.quiet_triton_deprecation()
         warnings.warn(
-            "The Pallas Triton backend is deprecated and will be removed in a future JAX "
-            "version.",
+            "The Pallas Triton backend is deprecated and will be removed in a future JAX version.",
             DeprecationWarning,
+            stacklevel=2,
         )
-        warnings.warn("some other deprecation", DeprecationWarning)
-        warnings.warn("The Pallas Triton backend is deprecated (as a UserWarning)", UserWarning)
-        warnings.warn("an ordinary warning")
+        warnings.warn("some other deprecation", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "The Pallas Triton backend is deprecated (as a UserWarning)", UserWarning, stacklevel=2
+        )
+        warnings.warn("an ordinary warning", stacklevel=2)
     messages = [str(w.message) for w in caught]
     assert messages == [
         "some other deprecation",
