@@ -38,7 +38,8 @@ class Case:
     "same" (x's dtype) or a dtype name; ``residual``: dtype name of the residual tensor
     (fused only; default x's dtype); ``residual_dtype``: the argument of that name;
     ``strided``: x is a row-strided view (last axis contiguous) of a wider buffer;
-    ``values``: one of VALUE_KINDS; ``grads``: also check the backward pass.
+    ``values``: one of VALUE_KINDS; ``scale``: factor on x (and the residual) of "normal"
+    values; ``grads``: also check the backward pass.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Case:
     residual_dtype: str | None = None
     strided: bool = False
     values: str = "normal"
+    scale: float = 1.0
     grads: bool = True
     seed: int = 0
 
@@ -123,6 +125,8 @@ class Case:
             parts.append("strided")
         if self.values != "normal":
             parts.append(self.values)
+        if self.scale != 1.0:
+            parts.append(f"scale={self.scale:g}")
         return " ".join(parts)
 
 
@@ -162,7 +166,9 @@ def _pattern(case: Case, g: torch.Generator, dtype: torch.dtype, main: bool) -> 
     m, n = case.rows, case.n
     z = torch.randn(m, n, generator=g, dtype=torch.float64)
     kind = case.values
-    if kind == "tiny":
+    if kind == "normal":
+        z = z * case.scale
+    elif kind == "tiny":
         z = z * 1e-15
     elif kind == "huge":
         z = z * 1e15
