@@ -1,0 +1,160 @@
+"""Compiled Pallas Triton kernels at real sizes on a GPU (marked gpu; skipped elsewhere).
+
+Run: python -m pytest -q -m gpu tests/jax
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import accel_jax
+from tests.jax.helpers import (
+    assert_grad_close,
+    assert_llama_close,
+    assert_output_close,
+    bwd64,
+    f64,
+    fwd64,
+    rand,
+)
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(2048, 4096), (8192, 4096), (4096, 16384), (64, 65536), (32, 131072)]
+DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
+
+
+@pytest.fixture(autouse=True)
+def _compiled_kernels():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs JAX with a CUDA GPU")
+    previous = accel_jax.get_interpret()
+    accel_jax.set_interpret(False)
+    yield
+    accel_jax.set_interpret(previous)
+
+
+def test_gpu_dispatch_uses_compiled_pallas_kernels():
+    x = rand(0, (8, 4096), jnp.bfloat16)
+    text = str(jax.make_jaxpr(lambda x: accel_jax.rmsnorm(x))(x))
+    assert "pallas_call" in text
+    hlo = jax.jit(lambda x: accel_jax.rmsnorm(x)).lower(x).as_text()
+    assert "triton" in hlo.lower()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_forward_real_sizes(shape, dtype):
+    n = shape[-1]
+    x = rand(1, shape, dtype)
+    w = rand(2, (n,), dtype, scale=0.2, shift=1.0)
+    y = jax.jit(lambda x, w: accel_jax.rmsnorm(x, w))(x, w)
+    assert_output_close(y, fwd64(x, None, w)[0])
+    y = accel_jax.rmsnorm(x, w, casting="llama")
+    if dtype == jnp.float32:
+        assert_output_close(y, fwd64(x, None, w, casting="llama")[0])
+    else:
+        assert_llama_close(y, x, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused_real_sizes(shape):
+    n = shape[-1]
+    x = rand(3, shape, jnp.bfloat16)
+    r = rand(4, shape, jnp.float32, scale=2.0)
+    w = rand(5, (n,), jnp.float32, scale=0.2, shift=1.0)
+    for residual_dtype in (None, jnp.float32):
+        y, h = accel_jax.rmsnorm_residual_fused(
+            x, r, w, weight_offset=0.5, return_residual=True, residual_dtype=residual_dtype
+        )
+        h_dtype = jnp.dtype(residual_dtype or x.dtype)
+        ref, h64, _ = fwd64(x, r, w, weight_offset=0.5, round_dtype=h_dtype)
+        np.testing.assert_array_equal(f64(h), h64)
+        assert_output_close(y, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+def test_backward_real_sizes(shape, dtype):
+    n = shape[-1]
+    x = rand(6, shape, dtype)
+    w = rand(7, (n,), jnp.float32, scale=0.2, shift=1.0)
+    dy = rand(8, shape, dtype)
+    _, vjp = jax.vjp(lambda x, w: accel_jax.rmsnorm(x, w), x, w)
+    dx, dw = jax.jit(vjp)(dy)
+    ref_dx, ref_dw, cx, cw = bwd64(dy, f64(x), w)
+    assert_grad_close(dx, ref_dx, cx, what="dx")
+    assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+
+
+@pytest.mark.parametrize("shape", [(8192, 4096), (64, 65536)], ids=str)
+def test_fused_backward_real_sizes(shape):
+    n = shape[-1]
+    x = rand(9, shape, jnp.bfloat16)
+    r = rand(10, shape, jnp.float32)
+    w = rand(11, (n,), jnp.bfloat16, scale=0.2, shift=1.0)
+    dy = rand(12, shape, jnp.bfloat16)
+    dh = rand(13, shape, jnp.float32)
+
+    def f(x, r, w):
+        return accel_jax.rmsnorm_residual_fused(
+            x, r, w, return_residual=True, residual_dtype=jnp.float32
+        )
+
+    _, vjp = jax.vjp(f, x, r, w)
+    dx, dr, dw = jax.jit(vjp)((dy, dh))
+    assert dx.dtype == jnp.bfloat16 and dr.dtype == jnp.float32 and dw.dtype == jnp.bfloat16
+    _, h64, _ = fwd64(x, r, w, round_dtype=jnp.float32)
+    ref, ref_dw, cx, cw = bwd64(dy, h64, w, dh=dh)
+    assert_grad_close(dx, ref, cx, what="dx")
+    assert_grad_close(dr, ref, cx, what="dresidual")
+    assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+
+
+@pytest.mark.parametrize("shape", [(8192, 4096), (32, 131072)], ids=str)
+def test_dweight_deterministic_on_gpu(shape):
+    x = rand(14, shape, jnp.bfloat16)
+    w = rand(15, (shape[-1],), jnp.float32)
+    dy = rand(16, shape, jnp.bfloat16)
+    grad = jax.jit(jax.vjp(lambda w: accel_jax.rmsnorm(x, w), w)[1])
+    first = np.asarray(grad(dy)[0])
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(grad(dy)[0]), first)
+
+
+def test_leading_shape_zero_rows_and_nan_on_gpu():
+    x = rand(17, (2, 3, 1000), jnp.bfloat16).at[1, 2, 7].set(jnp.nan)
+    y = np.asarray(accel_jax.rmsnorm(x).astype(jnp.float32))
+    assert np.all(np.isnan(y[1, 2])) and np.isfinite(np.delete(y.reshape(6, -1), 5, 0)).all()
+    assert accel_jax.rmsnorm(jnp.zeros((0, 4096), jnp.bfloat16)).shape == (0, 4096)
+
+
+def test_no_triton_deprecation_warning_on_gpu():
+    """JAX >= 0.11 warns when a Pallas Triton kernel lowers; users must not see it."""
+    x = rand(18, (64, 4096), jnp.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f = jax.jit(lambda x: jax.grad(lambda x: jnp.sum(accel_jax.rmsnorm(x)))(x))
+        jax.block_until_ready(f(x))
+        warnings.warn("still visible", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert not any("Pallas Triton" in m for m in messages), messages
+    assert "still visible" in messages
+
+
+def test_flax_modules_on_gpu():
+    import flax.linen as fnn
+
+    x = rand(19, (2048, 4096), jnp.bfloat16)
+    mod = accel_jax.linen.RMSNorm(param_dtype=jnp.bfloat16)
+    params = mod.init(jax.random.key(0), x)
+    y = jax.jit(mod.apply)(params, x)
+    y_flax = fnn.RMSNorm(param_dtype=jnp.bfloat16).apply(params, x)
+    steps = np.abs(
+        np.asarray(y).view(np.int16).astype(np.int64)
+        - np.asarray(y_flax).view(np.int16).astype(np.int64)
+    )
+    assert steps.max() <= 1
