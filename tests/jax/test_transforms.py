@@ -297,3 +297,44 @@ def test_float64_style_reference_of_the_scan_helpers():
     np.testing.assert_allclose(dx, num_dx, rtol=1e-6, atol=1e-8)
     assert_grad_close(jnp.asarray(dx, jnp.float32), num_dx, cx)
     assert y0.shape == (2, 8) and dw.shape == (8,) and cw > 0
+
+
+def _jaxlib_lowers_without_compiling():
+    # Up to jaxlib 0.10.2 the Pallas Triton lowering emits Triton IR into the custom call and
+    # compiles it later, on the GPU; newer jaxlibs compile while lowering (needs CUDA).
+    from jax._src.lib import version as jaxlib_version
+
+    return jaxlib_version <= (0, 10, 2)
+
+
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu" or not _jaxlib_lowers_without_compiling(),
+    reason="CPU-only check of the Triton lowering (GPU runs compile for real)",
+)
+@pytest.mark.parametrize("shape", [(2048, 4096), (5, 1000), (3, 1), (7, 20000)], ids=str)
+def test_kernels_lower_to_triton_for_cuda(monkeypatch, shape):
+    """Lower the compiled (non-interpret) kernels for CUDA on this CPU machine: every
+    kernel body must be expressible in the Pallas Triton lowering (power-of-two blocks,
+    supported ops), forward, fused and backward."""
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "_STATE", {"interpret": False})
+    x = jnp.ones(shape, jnp.bfloat16)
+    r = jnp.ones(shape, jnp.float32)
+    w = jnp.ones(shape[-1:], jnp.float32)
+
+    def train(x, r, w):
+        def loss(x, r, w):
+            y, h = accel_jax.rmsnorm_residual_fused(
+                x, r, w, casting="llama", return_residual=True, residual_dtype=jnp.float32
+            )
+            return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(x, r, w)
+
+    def plain(x):
+        return jax.grad(lambda x: jnp.sum(accel_jax.rmsnorm(x).astype(jnp.float32)))(x)
+
+    looped = shape[-1] > 16384
+    for f, args, kernels_expected in ((train, (x, r, w), 4 if looped else 3), (plain, (x,), 2)):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == kernels_expected, f
