@@ -367,6 +367,15 @@ def _real_cases() -> list[Case]:
         _c(f"real_fp32_subnormal_out_{tag}", (m, n), dtype="float32", values="subnormal_out"),
         _c(f"real_fp16_max_{tag}", (m, n), dtype="float16", values="fp16_max"),
         _c(f"real_fp32_huge_{tag}", (m, n), dtype="float32", values="huge"),
+        _c("real_fp16_4096x16384", (4096, 16384), dtype="float16"),
+        _c(
+            "real_fp32_fused_h_8192x4096",
+            (8192, 4096),
+            dtype="float32",
+            fused=True,
+            return_residual=True,
+        ),
+        _c("real_fp32_128x131072", (128, 131072), dtype="float32"),
         _c("real_bf16_odd_4095x4097", (4095, 4097)),
         _c("real_fp32_llama_odd_64x65537", (64, 65537), dtype="float32", casting="llama"),
     ]

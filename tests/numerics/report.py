@@ -33,8 +33,9 @@ Bounds (one unit per column, by dtype):
   y   bf16/fp16, casting fp32: ulps of the output dtype at the float64 reference, <= 1
       bf16/fp16, casting llama: steps outside the contract's llama result (xhat rounded
         in its dtype, then times w), allowing only near-midpoint xhat to round either way,
-        == 0 ("r" marks the relative fp32 columns)
-      fp32: relative error, <= {FP32_REL:g} (1 ulp accepted at zero and subnormals)
+        == 0 (Hugging Face's distance is listed at the end, for information)
+      fp32 (values marked "r"): relative error, <= {FP32_REL:g} (1 ulp accepted at zero
+        and subnormals); their ulps are listed at the end, for information
       torch vs jax: <= 1 ulp (fp32: {FP32_REL:g} relative)
   h   the fused sum round(h_dtype, x.f32 + r.f32): bit-exact (0 ulps), both halves and
       against each other
@@ -150,6 +151,14 @@ def render_text(results: list[CaseResult], env: dict) -> str:
             tail = "" if why in seen else f"\n      because: {why}"
             seen.add(why)
             lines.append(f"  {r.case.name}: {c.name} = {c.value:.4g} {c.unit}{tail}")
+    fp32 = [r for r in results if r.case.x_dtype == torch.float32 and r.info]
+    if fp32:
+        lines += ["", "fp32 outputs in fp32 ulps against float64 (info):"]
+        for r in fp32:
+            ulps = {k: v for k, v in r.info.items() if "ulp" in k}
+            lines.append(
+                f"  {r.case.name}: " + ", ".join(f"{k} = {v:.3g}" for k, v in ulps.items())
+            )
     infos = [(r, k, v) for r in results for k, v in r.info.items() if "HF" in k]
     if infos:
         lines += [
