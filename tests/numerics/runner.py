@@ -24,6 +24,7 @@ here for gradients):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import traceback
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ulp
-from .cases import Case, Inputs, make_inputs
+from .cases import DTYPES, Case, Inputs, make_inputs
 from .exchange import ExchangeLog, to_jax, to_torch
 from .reference import Reference, fused_sum, llama_expected, llama_interval, reference
 
@@ -165,55 +166,79 @@ def _jax_dtype(dtype: torch.dtype):
     ]
 
 
-def run_jax(case: Case, inp: Inputs, log: ExchangeLog) -> HalfResult:
-    """accel_jax on the case (jitted): forward, then forward + VJP, inputs via DLPack."""
+@functools.cache
+def _jax_program(
+    names: tuple[str, ...],
+    n: int,
+    strided: bool,
+    fused: bool,
+    ret_h: bool,
+    rdt: str | None,
+    eps: float,
+    weight_offset: float,
+    casting: str,
+):
+    """The jitted forward and forward + VJP for one set of static options (cached, so a
+    rerun or a second case of the same shapes reuses the compiled programs)."""
     import jax
 
     import accel_jax
 
-    res = HalfResult()
-    n = case.n
-    names = ["x"] + (["r"] if case.fused else []) + (["w"] if inp.weight is not None else [])
-    src = {"x": inp.x_buffer, "r": inp.residual, "w": inp.weight}
-    args = tuple(to_jax(src[k], log, k) for k in names)
-    rdt = _jax_dtype(case.h_dtype) if case.residual_dtype else None
+    kw = dict(eps=eps, weight_offset=weight_offset, casting=casting)
+    residual_dtype = None if rdt is None else _jax_dtype(DTYPES[rdt])
 
     def f(*a):
         d = dict(zip(names, a, strict=True))
-        x = d["x"][..., :n] if case.strided else d["x"]
-        w = d.get("w")
-        if not case.fused:
-            return accel_jax.rmsnorm(x, w, **_kwargs(case))
+        x = d["x"][..., :n] if strided else d["x"]
+        if not fused:
+            return accel_jax.rmsnorm(x, d.get("w"), **kw)
         return accel_jax.rmsnorm_residual_fused(
-            x,
-            d["r"],
-            w,
-            **_kwargs(case),
-            return_residual=case.return_residual,
-            residual_dtype=rdt,
+            x, d["r"], d.get("w"), **kw, return_residual=ret_h, residual_dtype=residual_dtype
         )
 
-    def split(out):
-        return out if case.return_residual and case.fused else (out, None)
+    @jax.jit
+    def fwd_bwd(a, c):
+        out, vjp = jax.vjp(f, *a)
+        return out, vjp(c)
 
-    y0, _ = split(jax.jit(f)(*args))
+    return jax.jit(f), fwd_bwd
+
+
+def run_jax(case: Case, inp: Inputs, log: ExchangeLog) -> HalfResult:
+    """accel_jax on the case (jitted): forward, then forward + VJP, inputs via DLPack."""
+    res = HalfResult()
+    n = case.n
+    names = ("x",) + (("r",) if case.fused else ()) + (("w",) if inp.weight is not None else ())
+    src = {"x": inp.x_buffer, "r": inp.residual, "w": inp.weight}
+    args = tuple(to_jax(src[k], log, k) for k in names)
+    ret_h = case.fused and case.return_residual
+    fwd, fwd_bwd = _jax_program(
+        names,
+        n,
+        case.strided,
+        case.fused,
+        ret_h,
+        case.residual_dtype,
+        case.eps,
+        case.weight_offset,
+        case.casting,
+    )
+
+    def split(out):
+        return out if ret_h else (out, None)
+
+    y0, _ = split(fwd(*args))
     res.y_nograd = to_torch(y0, log, "y")
     if case.grads:
         cots = to_jax(inp.dy, log, "dy")
-        if case.fused and case.return_residual:
+        if ret_h:
             cots = (cots, to_jax(inp.dh, log, "dh"))
-
-        @jax.jit
-        def fwd_bwd(a, c):
-            out, vjp = jax.vjp(f, *a)
-            return out, vjp(c)
-
         out, grads = fwd_bwd(args, cots)
         g = {k: to_torch(v, log, "d" + k) for k, v in zip(names, grads, strict=True)}
         dx = g["x"][..., :n] if case.strided else g["x"]
         res.dx, res.dresidual, res.dweight = dx, g.get("r"), g.get("w")
     else:
-        out = jax.jit(f)(*args)
+        out = fwd(*args)
     y, h = split(out)
     res.y = to_torch(y, log, "y")
     res.h = None if h is None else to_torch(h, log, "h")
