@@ -119,7 +119,7 @@ def rmsnorm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     LOOPED: tl.constexpr,
     SOFT_BF16: tl.constexpr,
-    PREFETCH: tl.constexpr = True,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Persistent programs: program p takes rows p, p+G, ... and accumulates its share of
     dweight in fp32, written to row p of DW_PARTIAL (G, N) for a deterministic reduction.
@@ -249,11 +249,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def bwd_num_programs(m: int, device: torch.device) -> int:
-    """How many persistent backward programs: a few per SM, never more than rows."""
+def bwd_launch(m: int, block_n: int, device: torch.device) -> tuple[int, int, bool]:
+    """(programs, num_warps, PREFETCH) of the persistent backward kernel.
+
+    Programs per SM fall as rows grow wider (each program keeps a row-wide fp32 dweight
+    accumulator); prefetching the next row doubles the registers a row takes, so it stops
+    at 8192 elements. Measured on an H100: see bench/NOTES.md.
+    """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         sms = _sm_count(index)
     else:  # Triton's interpreter on the CPU
         sms = 4
-    return max(1, min(m, 4 * sms))
+    per_sm = max(1, min(8, 8192 // block_n))
+    return max(1, min(m, per_sm * sms)), row_num_warps(block_n), block_n <= 8192

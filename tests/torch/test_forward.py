@@ -6,7 +6,7 @@ import torch
 
 import accel_torch
 from accel_torch.kernels import MAX_BLOCK_N
-from accel_torch.ops import _rows
+from accel_torch.launch import rows_view as _rows
 
 from .conftest import needs_interpreter
 from .helpers import assert_llama_matches_hf, assert_within_ulp, rmsnorm64

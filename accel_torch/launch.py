@@ -1,0 +1,124 @@
+"""Host side of the kernels: output allocation, 2-D views and kernel launches.
+
+Allocation and launch choices depend on shapes (and the device) only, never on values, so
+everything here is safe under CUDA-graph capture and under torch.compile's opaque ops.
+"""
+
+import torch
+import triton
+
+from . import _config
+from .kernels import (
+    bwd_launch,
+    dweight_reduce_kernel,
+    rmsnorm_bwd_kernel,
+    rmsnorm_fwd_kernel,
+    row_block,
+    row_num_warps,
+)
+
+_EMPTY = (0,)
+REDUCE_BLOCK_G, REDUCE_BLOCK_N = 256, 16  # dweight reduction tile (H100 sweep, NOTES.md)
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """(M, N) view of t with a contiguous last dim; copies only if no such view exists."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _row_stride(t2: torch.Tensor) -> int:
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+def empty_fwd_outputs(x, h_dtype):
+    """Uninitialized (y, h or None, rstd) for a forward of x; h only when h_dtype is given."""
+    y = x.new_empty(x.shape)
+    h = x.new_empty(x.shape, dtype=h_dtype) if h_dtype is not None else None
+    return y, h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def empty_bwd_outputs(dy, x, weight, dres_dtype):
+    """Uninitialized (dx, dres, dweight); an absent output is an empty (0,) tensor."""
+    dres = dy.new_empty(x.shape, dtype=dres_dtype) if dres_dtype is not None else None
+    dweight = weight.new_empty(weight.shape) if weight is not None else None
+    return (
+        dy.new_empty(x.shape),
+        dres if dres is not None else dy.new_empty(_EMPTY),
+        dweight if dweight is not None else dy.new_empty(_EMPTY),
+    )
+
+
+def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
+    """Run the forward kernel.
+
+    x, residual: (..., N), residual may be None; weight: (N,) or None. With a residual,
+    h = round(h_dtype, x + residual) is normalized and returned.
+    Returns y (x.shape, x.dtype), h (x.shape, h_dtype) or None, rstd (x.shape[:-1], fp32).
+    """
+    y, h, rstd = empty_fwd_outputs(x, h_dtype if residual is not None else None)
+    n = x.shape[-1]
+    x2 = rows_view(x)
+    m = x2.shape[0]
+    if m == 0:
+        return y, h, rstd
+    if residual is not None:
+        r2, h2 = rows_view(residual), h.view(m, n)
+    else:
+        r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
+    block_n, looped = row_block(n)
+    rmsnorm_fwd_kernel[(m,)](
+        x2, r2, weight if weight is not None else x2, y.view(m, n), h2, rstd.view(m),
+        _row_stride(x2), _row_stride(r2), n, n,
+        n, eps, weight_offset,
+        HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None,
+        LLAMA=llama,
+        BLOCK_N=block_n,
+        LOOPED=looped,
+        SOFT_BF16=_config.SOFT_BF16,
+        num_warps=row_num_warps(block_n),
+    )  # fmt: skip
+    return y, h, rstd
+
+
+def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
+    """Run the backward kernels of y = rmsnorm(x).
+
+    dy, x: (..., N); rstd: x.shape[:-1] fp32; dh: optional (..., N) gradient reaching x
+    directly (the fused op's h). Returns dx (x.shape, dy.dtype); dres (x.shape, dres_dtype)
+    when dres_dtype is given, else an empty tensor; dweight ((N,), weight.dtype) when weight
+    is given, else an empty tensor.
+    """
+    dx, dres, dweight = empty_bwd_outputs(dy, x, weight, dres_dtype)
+    n = x.shape[-1]
+    x2, dy2 = rows_view(x), rows_view(dy)
+    m = x2.shape[0]
+    if m == 0:
+        return dx, dres, dweight.zero_()
+    dh2 = rows_view(dh) if dh is not None else dy2
+    block_n, looped = row_block(n)
+    programs, num_warps, prefetch = bwd_launch(m, block_n, x.device)
+    # The looped kernel accumulates into its row of partial, so it must start at zero.
+    partial = (x.new_zeros if looped else x.new_empty)((programs, n), dtype=torch.float32)
+    rmsnorm_bwd_kernel[(programs,)](
+        dy2, x2, weight if weight is not None else x2, rstd.view(m), dh2, dx.view(m, n),
+        dres.view(m, n) if dres_dtype is not None else dy2, partial,
+        _row_stride(dy2), _row_stride(x2), _row_stride(dh2), n, n,
+        m, n, weight_offset,
+        HAS_WEIGHT=weight is not None,
+        HAS_DH=dh is not None,
+        STORE_DRES=dres_dtype is not None,
+        BLOCK_N=block_n,
+        LOOPED=looped,
+        SOFT_BF16=_config.SOFT_BF16,
+        PREFETCH=prefetch,
+        num_warps=num_warps,
+    )  # fmt: skip
+    if weight is not None:
+        dweight_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+            partial, dweight, programs, n,
+            BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, SOFT_BF16=_config.SOFT_BF16,
+            num_warps=4,
+        )  # fmt: skip
+    return dx, dres, dweight
