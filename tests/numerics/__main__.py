@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--all", action="store_true", help="small cases and real sizes")
     p.add_argument("-k", "--cases", default="", help="only cases whose name contains this")
     p.add_argument("--out", default=None, help="directory, or a .txt / .json file")
+    p.add_argument(
+        "--fallback",
+        action="store_true",
+        help="CPU: interpretation off, so both packages run their reference math",
+    )
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--quiet", action="store_true", help="no per-case progress on stderr")
     args = p.parse_args(argv)
@@ -58,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:40s} {c.describe()}")
         return 0
     device = default_device()
+    if args.fallback:
+        import accel_jax
+
+        accel_torch.set_interpret(False)
+        accel_jax.set_interpret(False)
     if (args.real_sizes or args.all) and device.type != "cuda":
         print("--real-sizes needs a CUDA GPU (interpreted kernels would take hours)")
         return 2
@@ -91,6 +101,7 @@ def _write(out: Path, text: str, js: str, env: dict, real: bool) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     stem = ("gpu" if env["device_type"] == "cuda" else "cpu") + ("_real" if real else "")
+    stem += "_fallback" if env["mode"].startswith("reference math") else ""
     (out / f"{stem}.txt").write_text(text)
     (out / f"{stem}.json").write_text(js)
     print(f"wrote {out / stem}.txt and .json", file=sys.stderr)

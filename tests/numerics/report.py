@@ -61,11 +61,14 @@ def environment(device: torch.device, real: bool) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = platform.processor() or platform.machine()
-    t_mode = "interpreted" if accel_torch.interpret_enabled() else "compiled/fallback"
-    j_mode = "interpreted" if accel_jax.get_interpret() else "compiled/fallback"
+    other = "compiled" if device.type == "cuda" else "compiled/fallback"
+    t_mode = "interpreted" if accel_torch.interpret_enabled() else other
+    j_mode = "interpreted" if accel_jax.get_interpret() else other
     mode = f"accel_torch {t_mode}, accel_jax {j_mode}"
-    if device.type == "cuda":
-        mode = "compiled kernels" if t_mode == j_mode == "compiled/fallback" else mode
+    if device.type == "cuda" and t_mode == j_mode == "compiled":
+        mode = "compiled kernels"
+    elif t_mode == j_mode == "compiled/fallback":
+        mode = "reference math (no kernels: interpretation off on CPU)"
     return {
         "device_type": device.type,
         "device": name,

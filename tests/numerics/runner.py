@@ -177,6 +177,7 @@ def _jax_program(
     eps: float,
     weight_offset: float,
     casting: str,
+    interpret: bool,
 ):
     """The jitted forward and forward + VJP for one set of static options (cached, so a
     rerun or a second case of the same shapes reuses the compiled programs)."""
@@ -204,6 +205,12 @@ def _jax_program(
     return jax.jit(f), fwd_bwd
 
 
+def _jax_interpret() -> bool:
+    import accel_jax
+
+    return accel_jax.get_interpret()
+
+
 def run_jax(case: Case, inp: Inputs, log: ExchangeLog) -> HalfResult:
     """accel_jax on the case (jitted): forward, then forward + VJP, inputs via DLPack."""
     res = HalfResult()
@@ -222,6 +229,7 @@ def run_jax(case: Case, inp: Inputs, log: ExchangeLog) -> HalfResult:
         case.eps,
         case.weight_offset,
         case.casting,
+        _jax_interpret(),  # read at trace time: part of the key
     )
 
     def split(out):

@@ -33,6 +33,28 @@ def test_case(case: Case):
     _assert_case(case)
 
 
+@pytest.fixture
+def fallback_math():
+    """Both packages with interpretation off: on CPU tensors they run their reference math
+    (rmsnorm_torch / rmsnorm_reference), the path a CPU user gets by default."""
+    import accel_jax
+    import accel_torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors only: on a GPU the kernels run")
+    before = accel_torch.interpret_enabled(), accel_jax.get_interpret()
+    accel_torch.set_interpret(False)
+    accel_jax.set_interpret(False)
+    yield
+    accel_torch.set_interpret(before[0])
+    accel_jax.set_interpret(before[1])
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c.name for c in CPU_CASES])
+def test_case_fallback(case: Case, fallback_math):
+    _assert_case(case)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", REAL_CASES, ids=[c.name for c in REAL_CASES])
 def test_real_size(case: Case):

@@ -7,6 +7,8 @@ can neither hide an error nor be hidden by one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # (significand bits including the implicit one, smallest normal exponent)
@@ -145,4 +147,4 @@ def max_or_zero(t: torch.Tensor) -> float:
     """Largest value of ``t`` as a Python float (0 for an empty tensor, NaN counts as inf)."""
     if t.numel() == 0:
         return 0.0
-    return float(torch.nan_to_num(t.double(), nan=float("inf")).max())
+    return float(torch.nan_to_num(t.double(), nan=math.inf, posinf=math.inf).max())
