@@ -260,7 +260,7 @@ CPU_CASES: list[Case] = [
     _c("bf16_0rows", (0, 256)),
     _c("bf16_0rows_fused", (0, 3, 64), fused=True, return_residual=True),
     _c("bf16_long", (3, 20000)),
-    _c("fp32_long_odd", (2, 70001), dtype="float32", grads=False, seed=1),
+    _c("fp32_long_odd", (2, 70001), dtype="float32", seed=1),
     # fused residual
     _c("bf16_fused", (16, 256), fused=True),
     _c("bf16_fused_h", (16, 256), fused=True, return_residual=True),
