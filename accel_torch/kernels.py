@@ -30,14 +30,25 @@ def _round(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
     """Round fp32 x to dtype, to nearest even.
 
     SOFT_BF16 rounds to bfloat16 with integer arithmetic: Triton's CPU interpreter truncates
-    fp32 -> bf16 conversions, so CI would otherwise test other numerics than the GPU runs.
+    fp32 -> bf16 conversions (and mishandles subnormals), so CI would otherwise test other
+    numerics than the GPU runs.
     """
     if SOFT_BF16 and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        # NaN stays NaN: its exponent bits survive and the payload's top bit is set.
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, bits >> 16, rounded)  # NaN: keep it NaN, not rounded to inf
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _f32(x, SOFT_BF16: tl.constexpr):
+    """x as fp32. SOFT_BF16 widens bfloat16 by its bits: Triton's interpreter mishandles
+    bf16 subnormals; on the GPU this is the plain conversion."""
+    if SOFT_BF16 and x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -64,31 +75,31 @@ def rmsnorm_fwd_kernel(
 
     if not LOOPED:
         mask = cols < N
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _f32(tl.load(X + cols, mask=mask, other=0.0), SOFT_BF16)
         if HAS_RESIDUAL:
-            r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+            r = _f32(tl.load(R + cols, mask=mask, other=0.0), SOFT_BF16)
             h = _round(x + r, norm_dtype, SOFT_BF16)
             tl.store(H + cols, h, mask=mask)
-            x = h.to(tl.float32)
+            x = _f32(h, SOFT_BF16)
         rstd = _rstd(tl.sum(x * x, axis=0), N, eps)
         tl.store(RSTD + row, rstd)
         xhat = x * rstd
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+            w = _f32(tl.load(W + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
             if LLAMA:
-                xhat = _round(xhat, norm_dtype, SOFT_BF16).to(tl.float32)
+                xhat = _f32(_round(xhat, norm_dtype, SOFT_BF16), SOFT_BF16)
             xhat = xhat * w
         tl.store(Y + cols, _round(xhat, Y.dtype.element_ty, SOFT_BF16), mask=mask)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for off in range(0, N, BLOCK_N):
             mask = off + cols < N
-            x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _f32(tl.load(X + off + cols, mask=mask, other=0.0), SOFT_BF16)
             if HAS_RESIDUAL:
-                r = tl.load(R + off + cols, mask=mask, other=0.0).to(tl.float32)
+                r = _f32(tl.load(R + off + cols, mask=mask, other=0.0), SOFT_BF16)
                 h = _round(x + r, norm_dtype, SOFT_BF16)
                 tl.store(H + off + cols, h, mask=mask)
-                x = h.to(tl.float32)
+                x = _f32(h, SOFT_BF16)
             acc += x * x
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
         tl.store(RSTD + row, rstd)
@@ -96,14 +107,14 @@ def rmsnorm_fwd_kernel(
             mask = off + cols < N
             # The fused op re-reads the rounded h it stored (this program's own writes).
             if HAS_RESIDUAL:
-                x = tl.load(H + off + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _f32(tl.load(H + off + cols, mask=mask, other=0.0), SOFT_BF16)
             else:
-                x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _f32(tl.load(X + off + cols, mask=mask, other=0.0), SOFT_BF16)
             xhat = x * rstd
             if HAS_WEIGHT:
-                w = tl.load(W + off + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+                w = _f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
                 if LLAMA:
-                    xhat = _round(xhat, norm_dtype, SOFT_BF16).to(tl.float32)
+                    xhat = _f32(_round(xhat, norm_dtype, SOFT_BF16), SOFT_BF16)
                 xhat = xhat * w
             tl.store(Y + off + cols, _round(xhat, Y.dtype.element_ty, SOFT_BF16), mask=mask)
 
@@ -134,7 +145,7 @@ def rmsnorm_bwd_kernel(
     if not LOOPED:
         mask = cols < N
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+            w = _f32(tl.load(W + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         # Loads of the next row are issued before this row's reduction (by hand: a row's
         # reduction sits between its loads and stores, so little else would be in flight).
@@ -143,22 +154,22 @@ def rmsnorm_bwd_kernel(
         dy_next = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0)
         for i in range(0, tl.cdiv(M - pid, num_programs)):
             row = pid.to(tl.int64) + i * num_programs
-            x = x_next.to(tl.float32)
-            dy = dy_next.to(tl.float32)
+            x = _f32(x_next, SOFT_BF16)
+            dy = _f32(dy_next, SOFT_BF16)
             if PREFETCH:
                 nxt = tl.minimum(row + num_programs, M - 1)  # past the end: reread a row
                 x_next = tl.load(X + nxt * stride_x + cols, mask=mask, other=0.0)
                 dy_next = tl.load(DY + nxt * stride_dy + cols, mask=mask, other=0.0)
             else:
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _f32(tl.load(X + row * stride_x + cols, mask=mask, other=0.0), SOFT_BF16)
+                dy = _f32(tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0), SOFT_BF16)
             rstd = tl.load(RSTD + row)
             xhat = x * rstd
             g = dy * w if HAS_WEIGHT else dy
             c = tl.sum(g * xhat, axis=0) / N
             dx = rstd * (g - xhat * c)
             if HAS_DH:
-                dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+                dx += _f32(tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0), SOFT_BF16)
             tl.store(
                 DX + row * stride_dx + cols, _round(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask
             )
@@ -180,26 +191,30 @@ def rmsnorm_bwd_kernel(
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for off in range(0, N, BLOCK_N):
                 mask = off + cols < N
-                x = tl.load(X + row * stride_x + off + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.load(DY + row * stride_dy + off + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _f32(tl.load(X + row * stride_x + off + cols, mask=mask, other=0.0), SOFT_BF16)
+                g = _f32(
+                    tl.load(DY + row * stride_dy + off + cols, mask=mask, other=0.0), SOFT_BF16
+                )
                 if HAS_WEIGHT:
-                    w = tl.load(W + off + cols, mask=mask, other=0.0).to(tl.float32)
+                    w = _f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16)
                     g = g * (w + weight_offset)
                 acc += g * x
             c = tl.sum(acc, axis=0) * rstd / N  # mean(g * xhat)
             for off in range(0, N, BLOCK_N):
                 mask = off + cols < N
-                x = tl.load(X + row * stride_x + off + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + off + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _f32(tl.load(X + row * stride_x + off + cols, mask=mask, other=0.0), SOFT_BF16)
+                dy = _f32(
+                    tl.load(DY + row * stride_dy + off + cols, mask=mask, other=0.0), SOFT_BF16
+                )
                 xhat = x * rstd
                 g = dy
                 if HAS_WEIGHT:
-                    w = tl.load(W + off + cols, mask=mask, other=0.0).to(tl.float32)
+                    w = _f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16)
                     g = dy * (w + weight_offset)
                 dx = rstd * (g - xhat * c)
                 if HAS_DH:
                     dh_ptr = DH + row * stride_dh + off + cols
-                    dx += tl.load(dh_ptr, mask=mask, other=0.0).to(tl.float32)
+                    dx += _f32(tl.load(dh_ptr, mask=mask, other=0.0), SOFT_BF16)
                 tl.store(
                     DX + row * stride_dx + off + cols,
                     _round(dx, DX.dtype.element_ty, SOFT_BF16),
@@ -235,7 +250,7 @@ def dweight_reduce_kernel(
 def row_block(n: int) -> tuple[int, bool]:
     """(BLOCK_N, LOOPED) for rows of n elements."""
     if n <= MAX_BLOCK_N:
-        return triton.next_power_of_2(n), False
+        return 1 << (n - 1).bit_length(), False  # next power of two, in plain Python: cheap
     return LOOP_BLOCK_N, True
 
 

@@ -5,7 +5,6 @@ everything here is safe under CUDA-graph capture and under torch.compile's opaqu
 """
 
 import torch
-import triton
 
 from . import _config
 from .kernels import (
@@ -39,14 +38,15 @@ def empty_fwd_outputs(x, h_dtype):
 
 
 def empty_bwd_outputs(dy, x, weight, dres_dtype):
-    """Uninitialized (dx, dres, dweight); an absent output is an empty (0,) tensor."""
+    """Uninitialized (dx, dres or None, dweight or None)."""
     dres = dy.new_empty(x.shape, dtype=dres_dtype) if dres_dtype is not None else None
     dweight = weight.new_empty(weight.shape) if weight is not None else None
-    return (
-        dy.new_empty(x.shape),
-        dres if dres is not None else dy.new_empty(_EMPTY),
-        dweight if dweight is not None else dy.new_empty(_EMPTY),
-    )
+    return dy.new_empty(x.shape), dres, dweight
+
+
+def absent_as_empty(dy, outputs):
+    """Absent outputs as empty (0,) tensors: a custom op must return tensors."""
+    return tuple(t if t is not None else dy.new_empty(_EMPTY) for t in outputs)
 
 
 def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
@@ -87,15 +87,15 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
 
     dy, x: (..., N); rstd: x.shape[:-1] fp32; dh: optional (..., N) gradient reaching x
     directly (the fused op's h). Returns dx (x.shape, dy.dtype); dres (x.shape, dres_dtype)
-    when dres_dtype is given, else an empty tensor; dweight ((N,), weight.dtype) when weight
-    is given, else an empty tensor.
+    when dres_dtype is given, else None; dweight ((N,), weight.dtype) when weight is given,
+    else None.
     """
     dx, dres, dweight = empty_bwd_outputs(dy, x, weight, dres_dtype)
     n = x.shape[-1]
     x2, dy2 = rows_view(x), rows_view(dy)
     m = x2.shape[0]
     if m == 0:
-        return dx, dres, dweight.zero_()
+        return dx, dres, dweight.zero_() if dweight is not None else None
     dh2 = rows_view(dh) if dh is not None else dy2
     block_n, looped = row_block(n)
     programs, num_warps, prefetch = bwd_launch(m, block_n, x.device)
@@ -116,7 +116,7 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
         num_warps=num_warps,
     )  # fmt: skip
     if weight is not None:
-        dweight_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+        dweight_reduce_kernel[((n + REDUCE_BLOCK_N - 1) // REDUCE_BLOCK_N,)](
             partial, dweight, programs, n,
             BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, SOFT_BF16=_config.SOFT_BF16,
             num_warps=4,

@@ -20,6 +20,7 @@ import torch
 
 from . import _config
 from .launch import (
+    absent_as_empty,
     empty_bwd_outputs,
     empty_fwd_outputs,
     rmsnorm_bwd_launch,
@@ -77,13 +78,16 @@ def rmsnorm_bwd(
     weight_offset: float,
     dres_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel backward; see launch.rmsnorm_bwd_launch for shapes and dtypes."""
-    return rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype)
+    """Kernel backward; see launch.rmsnorm_bwd_launch for shapes and dtypes (an absent dres
+    or dweight is an empty (0,) tensor here)."""
+    return absent_as_empty(
+        dy, rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype)
+    )
 
 
 @rmsnorm_bwd.register_fake
 def _(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
-    return empty_bwd_outputs(dy, x, weight, dres_dtype)
+    return absent_as_empty(dy, empty_bwd_outputs(dy, x, weight, dres_dtype))
 
 
 # ---- gradient rules, shared by both routes (bwd: the custom op or the launcher) ----

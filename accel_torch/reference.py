@@ -5,20 +5,54 @@ import torch
 from .validation import check_residual_args, check_rmsnorm_args
 
 
-def normalize_math(
-    h: torch.Tensor, weight, eps: float, weight_offset: float, casting: str, out_dtype
-):
-    """RMSNorm of h (..., N) over the last axis, in torch ops, rounded once to out_dtype
-    (twice with casting=\"llama\"). Arguments are assumed checked."""
+def _forward_math(h, weight, eps, weight_offset, casting, out_dtype):
     hf = h.float()
     rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = hf * rstd
     if weight is None:
-        return xhat.to(out_dtype)
+        return xhat.to(out_dtype), rstd
     w = weight.float() + weight_offset
     if casting == "llama":
         xhat = xhat.to(h.dtype).float()
-    return (xhat * w).to(out_dtype)
+    return (xhat * w).to(out_dtype), rstd
+
+
+class _NormalizeFunction(torch.autograd.Function):
+    """The contract's gradient in torch ops. Autograd through rsqrt instead would form
+    rstd**3, which under- or overflows fp32 at extreme magnitudes (|x| ~ 1e15)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, eps, weight_offset, casting, out_dtype):
+        y, rstd = _forward_math(h, weight, eps, weight_offset, casting, out_dtype)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.weight_offset = weight_offset
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight, rstd = ctx.saved_tensors
+        xhat = h.float() * rstd
+        g = dy.float()
+        if weight is not None:
+            g = g * (weight.float() + ctx.weight_offset)
+        dh = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dweight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (dy.float() * xhat).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
+        return dh.to(h.dtype), dweight, None, None, None, None
+
+
+def normalize_math(
+    h: torch.Tensor, weight, eps: float, weight_offset: float, casting: str, out_dtype
+):
+    """RMSNorm of h (..., N) over the last axis, in torch ops, rounded once to out_dtype
+    (twice with casting="llama"); differentiable in h and weight. Arguments are assumed
+    checked."""
+    if torch.is_grad_enabled() and (
+        h.requires_grad or (weight is not None and weight.requires_grad)
+    ):
+        return _NormalizeFunction.apply(h, weight, eps, weight_offset, casting, out_dtype)
+    return _forward_math(h, weight, eps, weight_offset, casting, out_dtype)[0]
 
 
 def residual_add_math(x: torch.Tensor, residual: torch.Tensor, h_dtype) -> torch.Tensor:
@@ -27,7 +61,7 @@ def residual_add_math(x: torch.Tensor, residual: torch.Tensor, h_dtype) -> torch
 
 
 def rmsnorm_torch(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
-    """RMSNorm over the last axis in plain torch ops (any device, differentiable by autograd).
+    """RMSNorm over the last axis in plain torch ops (any device, differentiable).
 
     Args:
         x: (..., N) floating tensor.
