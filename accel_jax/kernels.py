@@ -132,10 +132,12 @@ def _weight_chunk(w_ref, c0, cols, col_mask, weight_offset):
 
 def _normalize(x, rstd, w, llama, round_dtype):
     """y (fp32, before the output rounding) from fp32 x, (R,) rstd and optional (1, C) w."""
-    xhat = x * rstd[:, None]
+    r = rstd[:, None]
     if llama:
-        xhat = xhat.astype(round_dtype).astype(F32)
-    return xhat if w is None else xhat * w
+        xhat = (x * r).astype(round_dtype).astype(F32)
+        return xhat if w is None else xhat * w
+    # x * (rstd * w): one rounding into fp32's subnormal range, where (x * rstd) * w had two.
+    return x * r if w is None else x * (r * w)
 
 
 # ----------------------------------------------------------------------------- forward

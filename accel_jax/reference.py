@@ -27,15 +27,18 @@ def reference_fwd(
         xf = h.astype(F32)
     n = x.shape[-1]
     rstd = 1.0 / jnp.sqrt(jnp.sum(xf * xf, axis=-1) / n + eps)
-    xhat = xf * rstd[..., None]
-    if llama:
-        xhat = xhat.astype(round_dtype).astype(F32)
-    if weight is not None:
+    r = rstd[..., None]
+    if weight is None:
+        y = xf * r
+    else:
         w = weight.astype(F32)
         if weight_offset:
             w = w + weight_offset
-        xhat = xhat * w
-    return xhat.astype(out_dtype), (h if need_h else None), rstd
+        if llama:
+            y = (xf * r).astype(round_dtype).astype(F32) * w
+        else:
+            y = xf * (r * w)  # one rounding into the subnormal range, as the kernels
+    return y.astype(out_dtype), (h if need_h else None), rstd
 
 
 def reference_bwd(dy, x, rstd, weight, dh, *, weight_offset, dx_dtype, dres_dtype):

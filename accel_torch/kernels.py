@@ -83,13 +83,14 @@ def rmsnorm_fwd_kernel(
             x = _f32(h, SOFT_BF16)
         rstd = _rstd(tl.sum(x * x, axis=0), N, eps)
         tl.store(RSTD + row, rstd)
-        xhat = x * rstd
+        y = x * rstd
         if HAS_WEIGHT:
             w = _f32(tl.load(W + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
             if LLAMA:
-                xhat = _f32(_round(xhat, norm_dtype, SOFT_BF16), SOFT_BF16)
-            xhat = xhat * w
-        tl.store(Y + cols, _round(xhat, Y.dtype.element_ty, SOFT_BF16), mask=mask)
+                y = _f32(_round(y, norm_dtype, SOFT_BF16), SOFT_BF16) * w
+            else:  # x * (rstd * w): one rounding into fp32's subnormal range, not two
+                y = x * (rstd * w)
+        tl.store(Y + cols, _round(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for off in range(0, N, BLOCK_N):
@@ -110,13 +111,14 @@ def rmsnorm_fwd_kernel(
                 x = _f32(tl.load(H + off + cols, mask=mask, other=0.0), SOFT_BF16)
             else:
                 x = _f32(tl.load(X + off + cols, mask=mask, other=0.0), SOFT_BF16)
-            xhat = x * rstd
+            y = x * rstd
             if HAS_WEIGHT:
                 w = _f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
                 if LLAMA:
-                    xhat = _f32(_round(xhat, norm_dtype, SOFT_BF16), SOFT_BF16)
-                xhat = xhat * w
-            tl.store(Y + off + cols, _round(xhat, Y.dtype.element_ty, SOFT_BF16), mask=mask)
+                    y = _f32(_round(y, norm_dtype, SOFT_BF16), SOFT_BF16) * w
+                else:
+                    y = x * (rstd * w)
+            tl.store(Y + off + cols, _round(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit

@@ -8,13 +8,12 @@ from .validation import check_residual_args, check_rmsnorm_args
 def _forward_math(h, weight, eps, weight_offset, casting, out_dtype):
     hf = h.float()
     rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = hf * rstd
     if weight is None:
-        return xhat.to(out_dtype), rstd
+        return (hf * rstd).to(out_dtype), rstd
     w = weight.float() + weight_offset
     if casting == "llama":
-        xhat = xhat.to(h.dtype).float()
-    return (xhat * w).to(out_dtype), rstd
+        return ((hf * rstd).to(h.dtype).float() * w).to(out_dtype), rstd
+    return (hf * (rstd * w)).to(out_dtype), rstd  # one rounding into the subnormal range
 
 
 class _NormalizeFunction(torch.autograd.Function):
