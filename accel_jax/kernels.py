@@ -39,8 +39,11 @@ LOOP_BLOCK = 8192
 FWD_TARGET_ELEMS = 4096
 # Most rows one program handles at once.
 MAX_ROWS_PER_BLOCK = 64
-# Cap on backward programs G; G = min(row blocks, cap) depends on the shape only.
+# Cap on backward programs G; G = min(row blocks, cap) depends on the shape only. Rows of
+# 8192+ columns keep a wide dweight accumulator per program: fewer programs run faster
+# (H100 sweep in bench/NOTES.md).
 BWD_MAX_PROGRAMS = 256
+BWD_MAX_PROGRAMS_WIDE = 128
 # Looped-path dweight kernel: tile (rows x columns) and program cap over rows.
 DW_TILE_ROWS = 8
 DW_TILE_COLS = 1024
@@ -279,9 +282,19 @@ def rmsnorm_fwd(
 # ---------------------------------------------------------------------------- backward
 
 
-def bwd_programs(m: int, rows: int) -> int:
+def bwd_programs(m: int, rows: int, block_n: int = 0) -> int:
     """G, the number of backward programs (and dweight partial rows): shape only."""
-    return max(1, min(pl.cdiv(m, rows), BWD_MAX_PROGRAMS))
+    cap = BWD_MAX_PROGRAMS_WIDE if block_n >= 8192 else BWD_MAX_PROGRAMS
+    return max(1, min(pl.cdiv(m, rows), cap))
+
+
+def bwd_num_warps(launch: RowLaunch) -> int:
+    """Warps of the single-block backward (H100 sweep: 16 at 8192 columns, 8 at 16384)."""
+    if launch.block_n * launch.rows == 8192:
+        return 16
+    if launch.block_n * launch.rows >= 16384:
+        return 8
+    return launch.num_warps
 
 
 def _bwd_kernel(
@@ -478,7 +491,8 @@ def rmsnorm_bwd(
     inputs = [a for a in (dy, x, rstd, weight, dh) if a is not None]
 
     if not launch.looped:
-        programs = bwd_programs(m, launch.rows)
+        programs = bwd_programs(m, launch.rows, launch.block_n)
+        params = pltriton.CompilerParams(num_warps=bwd_num_warps(launch), num_stages=1)
         out_shape = list(grad_shapes)
         if has_weight:
             out_shape.append(jax.ShapeDtypeStruct((programs, n), F32))
