@@ -19,7 +19,7 @@ import pytest
 from bench import impls, report
 from bench.shapes import Shape
 
-from .test_impls import EPS, close, reference
+from .test_impls import EPS, check_jax_peer, close, reference
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,22 +61,7 @@ def test_torch_peers_on_gpu(impl):
 
 @pytest.mark.parametrize("impl", _gpu_impls("jax"), ids=lambda i: i.name)
 def test_jax_peers_on_gpu(impl):
-    import jax
-
-    for op in ("fwd", "fused", "fwdbwd"):
-        args = impls.jax_inputs(op, SHAPE, "fp32", seed=5)
-        out = jax.jit(impl.build(op, EPS))(*args)
-        a = [_np(t) for t in args]
-        if op == "fwd":
-            close(out, reference(a[0], a[1])["y"], f"{impl.name} fwd y")
-        elif op == "fused":
-            ref = reference(a[0], a[2], r=a[1])
-            close(out[0], ref["y"], f"{impl.name} fused y")
-            close(out[1], ref["h"], f"{impl.name} fused h")
-        else:
-            ref = reference(a[0], a[1], dy=a[2])
-            close(out[1], ref["dx"], f"{impl.name} dx")
-            close(out[2], ref["dw"], f"{impl.name} dw")
+    check_jax_peer(impl, SHAPE, seed=5)
 
 
 def test_bench_quick_run_on_gpu(tmp_path):
