@@ -2,11 +2,14 @@
 
 Same fields, same parameter (``scale``, shape (N,), ``param_dtype``), same params tree and the
 same output dtype rule (``dtype`` if set, else the promotion of x and scale). Adds
-``weight_offset`` and ``casting`` and an optional residual: ``__call__(x, residual=None)``
-returns y, or (y, h) with ``h = round(x.dtype, x + residual)``.
+``weight_offset``, ``casting`` and ``residual_dtype``, and an optional residual:
+``__call__(x, residual=None)`` returns y, or (y, h) with
+``h = round(residual_dtype or x.dtype, x + residual)``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 from flax.linen import dtypes as linen_dtypes
@@ -63,6 +66,7 @@ class RMSNorm(nn.RMSNorm):
 
     weight_offset: float = 0.0
     casting: str = "fp32"
+    residual_dtype: Any = None  # dtype of h (the residual stream); default x's dtype
 
     @nn.compact
     def __call__(self, x, residual=None, *, mask=None):
@@ -81,6 +85,7 @@ class RMSNorm(nn.RMSNorm):
             weight_offset=self.weight_offset,
             casting=self.casting,
             out_dtype=out_dtype,
+            round_dtype=self.residual_dtype if residual is not None else None,
             return_residual=residual is not None,
         )
 

@@ -16,18 +16,26 @@ from accel_jax.linen import check_flax_options
 class RMSNorm(nnx.RMSNorm):
     """flax.nnx.RMSNorm on the accel_jax kernels.
 
-    Takes flax's arguments plus ``weight_offset=0.0`` and ``casting="fp32"``.
+    Takes flax's arguments plus ``weight_offset=0.0``, ``casting="fp32"`` and
+    ``residual_dtype=None`` (h's dtype; default x's).
     x: (..., num_features). residual: None or x's shape. Returns y, or (y, h) with a residual.
     """
 
     def __init__(
-        self, num_features: int, *, weight_offset: float = 0.0, casting: str = "fp32", **kwargs
+        self,
+        num_features: int,
+        *,
+        weight_offset: float = 0.0,
+        casting: str = "fp32",
+        residual_dtype=None,
+        **kwargs,
     ):
         if casting not in ("fp32", "llama"):
             raise ValueError(f"casting must be 'fp32' or 'llama', got {casting!r}")
         super().__init__(num_features, **kwargs)
         self.weight_offset = weight_offset
         self.casting = casting
+        self.residual_dtype = residual_dtype
 
     def __call__(self, x, residual=None, *, mask=None):
         check_flax_options(self, x, mask)
@@ -45,6 +53,7 @@ class RMSNorm(nnx.RMSNorm):
             self.epsilon,
             weight_offset=self.weight_offset,
             casting=self.casting,
+            round_dtype=self.residual_dtype if residual is not None else None,
             return_residual=residual is not None,
         )
 

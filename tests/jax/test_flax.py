@@ -222,3 +222,25 @@ def test_nnx_residual_no_scale_and_errors():
         annx.RMSNorm(96, casting="x", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_features"):
         annx.RMSNorm(32, rngs=nnx.Rngs(0))(x)
+
+
+def test_modules_keep_an_fp32_residual_stream():
+    x = rand(10, SHAPE, jnp.bfloat16)
+    r = rand(11, SHAPE, jnp.float32)
+    h_ref = x.astype(jnp.float32) + r  # h rounded once, to fp32: exact here
+    y_ref, h_fn = accel_jax.rmsnorm_residual_fused(
+        x, r, return_residual=True, residual_dtype=jnp.float32
+    )
+    np.testing.assert_array_equal(np.asarray(h_fn), np.asarray(h_ref))
+
+    lin = alinen.RMSNorm(use_scale=False, residual_dtype=jnp.float32)
+    y, h = lin.apply({}, x, r)
+    assert h.dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+
+    mod = annx.RMSNorm(SHAPE[-1], use_scale=False, residual_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    y, h = mod(x, r)
+    assert h.dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
