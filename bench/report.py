@@ -189,43 +189,38 @@ def time_table(results: dict, op: str, mode: str) -> tuple[list[str], list[list[
     return header, rows
 
 
-def gbps_table(results: dict, op: str, mode: str) -> tuple[list[str], list[list[str]]]:
-    """Rows = shapes; cells ``GB/s (share of the 1 GiB copy's bandwidth)``."""
+def _impl_table(results: dict, op: str, cell) -> tuple[list[str], list[list[str]]]:
+    """Rows = shapes, columns = implementations; ``cell(rec)`` formats a record that ran."""
     cols = _columns(results)
     header = ["shape"] + [c["label"] for c in cols]
     rows = []
     for shape in results["shapes"]:
-        row = [shape]
-        for c in cols:
-            rec = _cell(results, shape, op, c["name"])
-            status = _status_cell(rec)
-            if status or rec[f"{mode}_gbps"] is None:
-                row.append(status or "-")
-                continue
-            share = rec[f"{mode}_big_copy_share"]
-            pct = f" ({100 * share:.0f}%)" if share is not None else ""
-            row.append(f"{rec[f'{mode}_gbps']:.0f}{pct}")
-        rows.append(row)
+        recs = [_cell(results, shape, op, c["name"]) for c in cols]
+        rows.append([shape] + [_status_cell(rec) or cell(rec) for rec in recs])
     return header, rows
+
+
+def gbps_table(results: dict, op: str, mode: str) -> tuple[list[str], list[list[str]]]:
+    """Rows = shapes; cells ``GB/s (share of the 1 GiB copy's bandwidth)``."""
+
+    def cell(rec):
+        if rec[f"{mode}_gbps"] is None:
+            return "-"
+        share = rec[f"{mode}_big_copy_share"]
+        pct = f" ({100 * share:.0f}%)" if share is not None else ""
+        return f"{rec[f'{mode}_gbps']:.0f}{pct}"
+
+    return _impl_table(results, op, cell)
 
 
 def speedup_table(results: dict, op: str, mode: str) -> tuple[list[str], list[list[str]]]:
     """Rows = shapes; cells ``vs torch eager / vs best peer`` speed-ups."""
-    cols = _columns(results)
-    header = ["shape"] + [c["label"] for c in cols]
-    rows = []
-    for shape in results["shapes"]:
-        row = [shape]
-        for c in cols:
-            rec = _cell(results, shape, op, c["name"])
-            status = _status_cell(rec)
-            if status:
-                row.append(status)
-                continue
-            a, b = rec[f"{mode}_vs_torch_eager"], rec[f"{mode}_vs_best_peer"]
-            row.append(f"{_fmt_x(a)} / {_fmt_x(b)}")
-        rows.append(row)
-    return header, rows
+
+    def cell(rec):
+        a, b = rec[f"{mode}_vs_torch_eager"], rec[f"{mode}_vs_best_peer"]
+        return f"{_fmt_x(a)} / {_fmt_x(b)}"
+
+    return _impl_table(results, op, cell)
 
 
 def memory_table(results: dict) -> tuple[list[str], list[list[str]]]:

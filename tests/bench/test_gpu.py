@@ -13,21 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bench import impls, report
 from bench.shapes import Shape
 
-from .test_impls import EPS, check_jax_peer, close, reference
+from .test_impls import check_jax_peer, check_torch_peer
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = Shape(2048, 4096)
-
-
-def _np(t):
-    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
 
 
 def _gpu_impls(framework):
@@ -41,22 +36,7 @@ def _gpu_impls(framework):
 
 @pytest.mark.parametrize("impl", _gpu_impls("torch"), ids=lambda i: i.name)
 def test_torch_peers_on_gpu(impl):
-    for op in ("fwd", "fused", "fwdbwd"):
-        if impl.op_unavailable(op):
-            continue
-        args = impls.torch_inputs(op, SHAPE, "fp32", "cuda", seed=5)
-        out = impl.build(op, EPS)(*args)
-        a = [_np(t) for t in args]
-        if op == "fwd":
-            close(_np(out), reference(a[0], a[1])["y"], f"{impl.name} fwd y")
-        elif op == "fused":
-            ref = reference(a[0], a[2], r=a[1])
-            close(_np(out[0]), ref["y"], f"{impl.name} fused y")
-            close(_np(out[1]), ref["h"], f"{impl.name} fused h")
-        else:
-            ref = reference(a[0], a[1], dy=a[2])
-            close(_np(out[0]), ref["dx"], f"{impl.name} dx")
-            close(_np(out[1]), ref["dw"], f"{impl.name} dw")
+    check_torch_peer(impl, SHAPE, "cuda", seed=5)
 
 
 @pytest.mark.parametrize("impl", _gpu_impls("jax"), ids=lambda i: i.name)

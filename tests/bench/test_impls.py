@@ -50,16 +50,16 @@ def runnable(framework):
 
 
 def _np(t):
-    return t.detach().float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+    """A float32 numpy copy of a torch tensor (any device) or array."""
+    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
 
 
-@pytest.mark.parametrize("impl", runnable("torch"), ids=lambda i: i.name)
-def test_torch_peer_numerics(impl):
-    ops = ("fwd", "fused", "fwdbwd")
-    for op in ops:
+def check_torch_peer(impl, shape, device, seed):
+    """impl's fwd, fused and fwdbwd at shape (fp32, on device) against float64."""
+    for op in ("fwd", "fused", "fwdbwd"):
         if impl.op_unavailable(op):
             continue
-        args = impls.torch_inputs(op, SHAPE, "fp32", "cpu", seed=3)
+        args = impls.torch_inputs(op, shape, "fp32", device, seed=seed)
         out = impl.build(op, EPS)(*args)
         a = [_np(t) for t in args]
         if op == "fwd":
@@ -74,6 +74,11 @@ def test_torch_peer_numerics(impl):
             dx, dw = out
             close(_np(dx), ref["dx"], f"{impl.name} dx")
             close(_np(dw), ref["dw"], f"{impl.name} dw")
+
+
+@pytest.mark.parametrize("impl", runnable("torch"), ids=lambda i: i.name)
+def test_torch_peer_numerics(impl):
+    check_torch_peer(impl, SHAPE, "cpu", seed=3)
 
 
 def check_jax_peer(impl, shape, seed):
