@@ -2,15 +2,7 @@
 
 import torch
 
-MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-
-
-def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of dtype's representable numbers at |ref| (float64), subnormals included."""
-    fi = torch.finfo(dtype)
-    mag = ref.abs().clamp_min(fi.tiny)
-    exponent = torch.floor(torch.log2(mag))
-    return torch.exp2(exponent - MANTISSA_BITS[dtype])
+from tests.numerics.ulp import spacing
 
 
 def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, max_ulp: float = 1.0) -> None:
@@ -32,7 +24,7 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, max_ulp: float = 1.0
             f"out={out64[worst].item()}, ref={ref[worst].item()}"
         )
         return
-    err = (out64 - ref).abs() / ulp(ref, out.dtype)
+    err = (out64 - ref).abs() / spacing(ref, out.dtype)
     worst = err.argmax()
     assert err[worst] <= max_ulp, (
         f"{err[worst].item():.3f} ulp > {max_ulp} at out={out64[worst].item()}, "
@@ -55,7 +47,7 @@ def assert_grad_close(out: torch.Tensor, ref: torch.Tensor, rel: float, scale=No
     if ref.numel() == 0:
         return
     scale = ref.abs().max() if scale is None else float(scale)
-    bound = ulp(ref, out.dtype) + rel * scale
+    bound = spacing(ref, out.dtype) + rel * scale
     err = (out64 - ref).abs()
     worst = (err - bound).argmax()
     assert (err <= bound).all(), (
@@ -88,7 +80,7 @@ def llama_rmsnorm_hf(x, weight, eps=1e-6):
 def ulp_distance(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """|a - b| in ulps of dtype at b (float64 result; NaN where either is NaN)."""
     a64, b64 = a.double(), b.double()
-    return (a64 - b64).abs() / ulp(b64, dtype)
+    return (a64 - b64).abs() / spacing(b64, dtype)
 
 
 def assert_llama_matches_hf(y, x, weight, eps=1e-6, out_dtype=None, max_flip_share=1e-3):
@@ -107,7 +99,7 @@ def assert_llama_matches_hf(y, x, weight, eps=1e-6, out_dtype=None, max_flip_sha
     xf = x.float()
     xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     rounded = xhat.to(dtype).double()
-    step = ulp(rounded, dtype)
+    step = spacing(rounded, dtype)
     other = torch.where(rounded > xhat.double(), rounded - step, rounded + step)
     near_tie = (xhat.double() - (rounded + other) / 2).abs() <= 2.0**-20 * xhat.double().abs()
     alternative = (other.float() * weight.float()).to(out_dtype)
