@@ -44,6 +44,8 @@ MAX_ROWS_PER_BLOCK = 64
 # (H100 sweep in bench/NOTES.md).
 BWD_MAX_PROGRAMS = 256
 BWD_MAX_PROGRAMS_WIDE = 128
+# Widest column chunk of the single-block backward (a wider row is walked in chunks).
+BWD_MAX_CHUNK = 8192
 # Looped-path dweight kernel: tile (rows x columns) and program cap over rows.
 DW_TILE_ROWS = 8
 DW_TILE_COLS = 1024
@@ -89,6 +91,15 @@ def row_launch(m: int, n: int) -> RowLaunch:
     rows = max(1, FWD_TARGET_ELEMS // block)
     rows = min(rows, MAX_ROWS_PER_BLOCK, next_pow2(m))
     return RowLaunch(block, rows, False, _warps(block * rows), 1)
+
+
+def fwd_launch(m: int, n: int) -> RowLaunch:
+    """Forward launch shape: row_launch's, except that rows of 4096 columns go two to a
+    program with 16 warps (H100 sweep in bench/NOTES.md: 2048x4096 cold 13.7 -> 13.0 us)."""
+    launch = row_launch(m, n)
+    if launch.block_n == 4096 and not launch.looped and m > 1:
+        return dataclasses.replace(launch, rows=2, num_warps=16)
+    return launch
 
 
 def _mask(row_mask, col_mask):
@@ -238,7 +249,7 @@ def rmsnorm_fwd(
     Returns (y (M, N) out_dtype, h (M, N) round_dtype or None, rstd (M,) fp32 or None).
     """
     m, n = x.shape
-    launch = row_launch(m, n)
+    launch = fwd_launch(m, n)
     has_residual = residual is not None
     has_weight = weight is not None
     store_h = store_h and has_residual
@@ -289,12 +300,16 @@ def bwd_programs(m: int, rows: int, block_n: int = 0) -> int:
 
 
 def bwd_num_warps(launch: RowLaunch) -> int:
-    """Warps of the single-block backward (H100 sweep: 16 at 8192 columns, 8 at 16384)."""
-    if launch.block_n * launch.rows == 8192:
+    """Warps of the single-block backward (H100 sweeps: 16 from 8192 columns)."""
+    if launch.block_n * launch.rows >= 8192:
         return 16
-    if launch.block_n * launch.rows >= 16384:
-        return 8
     return launch.num_warps
+
+
+def bwd_chunks(launch: RowLaunch) -> int:
+    """Column chunks of a single-block backward row: rows wider than BWD_MAX_CHUNK are
+    walked in chunks (a whole row's x, dy, w and dweight at once spill registers)."""
+    return max(1, launch.block_n // BWD_MAX_CHUNK)
 
 
 def _bwd_kernel(
@@ -309,7 +324,13 @@ def _bwd_kernel(
     store_dres,
     store_dw,
 ):
-    """Single-block backward: G programs stride over row blocks, dweight kept in registers."""
+    """Single-block backward: G programs stride over row blocks, dweight kept in registers.
+
+    One chunk: the next block's x and dy are loaded before this block's reduction (a loop
+    carry; a block's reduction sits between its loads and stores, so little else would be
+    in flight). Several chunks (rows = 1): sum(g * x) over the chunks, then dx chunk by
+    chunk from reloaded x and dy (mostly L1/L2 hits), one dweight accumulator per chunk.
+    """
     it = iter(refs)
     dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
     w_ref = next(it) if has_weight else None
@@ -318,40 +339,96 @@ def _bwd_kernel(
     dres_ref = next(it) if store_dres else None
     dwp_ref = next(it) if store_dw else None
 
-    rows, cols = launch.rows, launch.block_n
+    chunks = bwd_chunks(launch)
+    rows, cols = launch.rows, launch.block_n // chunks
     pid = pl.program_id(0)
     n_blocks = pl.cdiv(m, rows)
     steps = pl.cdiv(n_blocks, programs)
     always_full = m % rows == 0 and n_blocks % programs == 0
-    col_mask = _col_mask(0, cols, n)
-    w = _weight_chunk(w_ref, 0, cols, col_mask, weight_offset) if has_weight else None
+    # Chunk starts are traced values (Triton folds them back to constants): Pallas rejects
+    # a static slice that runs past the array even where the mask covers it (the last
+    # chunk of a ragged row).
+    starts = [k * cols + 0 * pid for k in range(chunks)]
+    col_masks = [_col_mask(k * cols, cols, n) for k in range(chunks)]
+    # One chunk: the weight stays in registers; several: each chunk's is reloaded (L1).
+    w_whole = None
+    if has_weight and chunks == 1:
+        w_whole = _weight_chunk(w_ref, 0, cols, col_masks[0], weight_offset)
 
-    def body(i, acc):
-        r0 = (pid + i * programs) * rows
-        row_mask = _row_ids(r0, rows, m, always_full)
-        mask = _mask(row_mask, col_mask)
-        idx = (pl.ds(r0, rows), pl.ds(0, cols))
-        x = _load(x_ref.at[idx], mask).astype(F32)
-        dy = _load(dy_ref.at[idx], mask).astype(F32)
-        rstd = _load(rstd_ref.at[pl.ds(r0, rows)], row_mask).astype(F32)
-        xhat = x * rstd[:, None]
+    def weight(k):
+        if not has_weight or chunks == 1:
+            return w_whole
+        return _weight_chunk(w_ref, starts[k], cols, col_masks[k], weight_offset)
+
+    def block(r0, k, check_rows=not always_full):
+        """Index, row mask and element mask of chunk k of the row block at r0."""
+        row_mask = _row_ids(r0, rows, m, not check_rows)
+        return (pl.ds(r0, rows), pl.ds(starts[k], cols)), row_mask, _mask(row_mask, col_masks[k])
+
+    def load_x_dy(r0, k, check_rows=not always_full):
+        idx, _, mask = block(r0, k, check_rows)
+        return _load(x_ref.at[idx], mask), _load(dy_ref.at[idx], mask)
+
+    def store_grads(r0, k, x, dy, rstd, mean_gx):
+        """Store dx (and dres) of chunk k; return its dweight contribution dy * xhat."""
+        idx, _, mask = block(r0, k)
+        xhat = x.astype(F32) * rstd[:, None]
+        dy = dy.astype(F32)
+        w = weight(k)
         g = dy if w is None else dy * w
-        c = jnp.sum(g * xhat, axis=1) / n
-        dx = rstd[:, None] * (g - xhat * c[:, None])
+        dx = rstd[:, None] * (g - xhat * mean_gx[:, None])
         if has_dh:
             dx = dx + _load(dh_ref.at[idx], mask).astype(F32)
         _store(dx_ref.at[idx], dx, mask)
         if store_dres:
             _store(dres_ref.at[idx], dx, mask)
-        return acc + dy * xhat if store_dw else acc
+        return dy * xhat
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), F32))
+    def load_rstd(r0):
+        return _load(rstd_ref.at[pl.ds(r0, rows)], block(r0, 0)[1]).astype(F32)
+
+    def start(i):
+        return (pid + i * programs) * rows
+
+    zeros = tuple(jnp.zeros((rows, cols), F32) for _ in range(chunks))
+    if chunks == 1:
+
+        def body(i, carry):
+            acc, x, dy = carry
+            r0 = start(i)
+            # The last step prefetches rows past m: masked, they read as 0.
+            x_next, dy_next = load_x_dy(start(i + 1), 0, check_rows=True)
+            rstd = load_rstd(r0)
+            w = weight(0)
+            g = dy.astype(F32) if w is None else dy.astype(F32) * w
+            mean_gx = jnp.sum(g * x.astype(F32), axis=1) * rstd / n
+            dw = store_grads(r0, 0, x, dy, rstd, mean_gx)
+            return (acc[0] + dw if store_dw else acc[0],), x_next, dy_next
+
+        acc = lax.fori_loop(0, steps, body, (zeros, *load_x_dy(start(0), 0)))[0]
+    else:
+
+        def body(i, acc):
+            r0 = start(i)
+            rstd = load_rstd(r0)
+            gx = 0.0
+            for k in range(chunks):
+                x, dy = load_x_dy(r0, k)
+                w = weight(k)
+                g = dy.astype(F32) if w is None else dy.astype(F32) * w
+                gx = gx + jnp.sum(g * x.astype(F32), axis=1)
+            mean_gx = gx * rstd / n
+            dws = [store_grads(r0, k, *load_x_dy(r0, k), rstd, mean_gx) for k in range(chunks)]
+            return tuple(a + dw for a, dw in zip(acc, dws, strict=True)) if store_dw else acc
+
+        acc = lax.fori_loop(0, steps, body, zeros)
     if store_dw:
-        _store(
-            dwp_ref.at[pl.ds(pid, 1), pl.ds(0, cols)],
-            jnp.sum(acc, axis=0)[None, :],
-            _mask(None, col_mask),
-        )
+        for k in range(chunks):
+            _store(
+                dwp_ref.at[pl.ds(pid, 1), pl.ds(starts[k], cols)],
+                jnp.sum(acc[k], axis=0)[None, :],
+                _mask(None, col_masks[k]),
+            )
 
 
 def _bwd_dx_looped_kernel(
@@ -563,6 +640,7 @@ def rmsnorm_bwd(
 __all__ = [
     "RowLaunch",
     "bwd_programs",
+    "fwd_launch",
     "next_pow2",
     "rmsnorm_bwd",
     "rmsnorm_dweight_reduce",

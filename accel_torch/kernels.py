@@ -17,6 +17,7 @@ import triton.language as tl
 
 MAX_BLOCK_N = 16384  # largest row kept whole in registers
 LOOP_BLOCK_N = 8192  # chunk of the looped path
+BWD_MAX_BLOCK_N = 8192  # widest backward block (a wider one spills registers)
 
 
 @triton.jit
@@ -122,6 +123,79 @@ def rmsnorm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_load_chunk(DY, X, dy_row, x_row, off, cols, N):
+    """(x, dy) of the chunk [off, off + BLOCK_N) of one row, as stored (0 past N)."""
+    mask = off + cols < N
+    x = tl.load(X + x_row + off + cols, mask=mask, other=0.0)
+    return x, tl.load(DY + dy_row + off + cols, mask=mask, other=0.0)
+
+
+@triton.jit
+def _bwd_prefetch_start(DY, X, row, stride_dy, stride_x, cols, N, PREFETCH: tl.constexpr):
+    """The first chunk of a program's first row when prefetching, else placeholders."""
+    if PREFETCH:
+        return _bwd_load_chunk(DY, X, row * stride_dy, row * stride_x, 0, cols, N)
+    return 0.0, 0.0
+
+
+@triton.jit
+def _bwd_first_chunk(
+    DY, X, x_next, dy_next, row, num_programs, M, stride_dy, stride_x, cols, N,
+    PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """(x, dy) of this row's first chunk, and what the next step takes as its own.
+
+    PREFETCH: this row's chunk was loaded the step before, and the next row's loads go out
+    now, before anything waits on this row's data (by hand: a row's reduction sits between
+    its loads and stores, so little else would be in flight).
+    """
+    if PREFETCH:
+        x, dy = x_next, dy_next
+        nxt = tl.minimum(row + num_programs, M - 1)  # past the end: reread a row
+        x_next, dy_next = _bwd_load_chunk(DY, X, nxt * stride_dy, nxt * stride_x, 0, cols, N)
+    else:
+        x, dy = _bwd_load_chunk(DY, X, row * stride_dy, row * stride_x, 0, cols, N)
+    return x, dy, x_next, dy_next
+
+
+@triton.jit
+def _bwd_chunk_gx(
+    x, dy, W, off, cols, N, weight_offset, HAS_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr
+):
+    """sum(g * x) over one chunk of a row (x, dy from _bwd_load_chunk), g = dy * w."""
+    g = _f32(dy, SOFT_BF16)
+    if HAS_WEIGHT:
+        mask = off + cols < N
+        g = g * (_f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset)
+    return tl.sum(g * _f32(x, SOFT_BF16), axis=0)
+
+
+@triton.jit
+def _bwd_chunk_dx(
+    DY, X, W, DH, DX, DRES, dy_row, x_row, dh_row, dx_row, dres_row,
+    off, cols, N, rstd, c, weight_offset,
+    HAS_WEIGHT: tl.constexpr, HAS_DH: tl.constexpr, STORE_DRES: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):  # fmt: skip
+    """Store dx (and dres) of one chunk of a row, c = mean(g * xhat); return dy * xhat,
+    the chunk's dweight contribution."""
+    mask = off + cols < N
+    xhat = _f32(tl.load(X + x_row + off + cols, mask=mask, other=0.0), SOFT_BF16) * rstd
+    dy = _f32(tl.load(DY + dy_row + off + cols, mask=mask, other=0.0), SOFT_BF16)
+    g = dy
+    if HAS_WEIGHT:
+        g = dy * (_f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset)
+    dx = rstd * (g - xhat * c)
+    if HAS_DH:
+        dx += _f32(tl.load(DH + dh_row + off + cols, mask=mask, other=0.0), SOFT_BF16)
+    tl.store(DX + dx_row + off + cols, _round(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask)
+    if STORE_DRES:
+        dres = _round(dx, DRES.dtype.element_ty, SOFT_BF16)
+        tl.store(DRES + dres_row + off + cols, dres, mask=mask)
+    return dy * xhat
+
+
+@triton.jit
 def rmsnorm_bwd_kernel(
     DY, X, W, RSTD, DH, DX, DRES, DW_PARTIAL,
     stride_dy, stride_x, stride_dh, stride_dx, stride_dres,
@@ -130,9 +204,9 @@ def rmsnorm_bwd_kernel(
     HAS_DH: tl.constexpr,  # fused op: add the gradient that reached h directly
     STORE_DRES: tl.constexpr,  # fused op with residual in another dtype than x: write it too
     BLOCK_N: tl.constexpr,
-    LOOPED: tl.constexpr,
+    CHUNKS: tl.constexpr,  # 1: the row is one block; 2: two blocks; 0: any number (looped)
     SOFT_BF16: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load the next row (its first chunk) before this row's sum
 ):  # fmt: skip
     """Persistent programs: program p takes rows p, p+G, ... and accumulates its share of
     dweight in fp32, written to row p of DW_PARTIAL (G, N) for a deterministic reduction.
@@ -143,28 +217,22 @@ def rmsnorm_bwd_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     DW_PARTIAL += pid.to(tl.int64) * N
+    n_rows = tl.cdiv(M - pid, num_programs)
 
-    if not LOOPED:
+    if CHUNKS == 1:
         mask = cols < N
         if HAS_WEIGHT:
             w = _f32(tl.load(W + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # Loads of the next row are issued before this row's reduction (by hand: a row's
-        # reduction sits between its loads and stores, so little else would be in flight).
-        row = pid.to(tl.int64)
-        x_next = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-        dy_next = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0)
-        for i in range(0, tl.cdiv(M - pid, num_programs)):
+        first = pid.to(tl.int64)
+        x_next, dy_next = _bwd_prefetch_start(DY, X, first, stride_dy, stride_x, cols, N, PREFETCH)
+        for i in range(0, n_rows):
             row = pid.to(tl.int64) + i * num_programs
-            x = _f32(x_next, SOFT_BF16)
-            dy = _f32(dy_next, SOFT_BF16)
-            if PREFETCH:
-                nxt = tl.minimum(row + num_programs, M - 1)  # past the end: reread a row
-                x_next = tl.load(X + nxt * stride_x + cols, mask=mask, other=0.0)
-                dy_next = tl.load(DY + nxt * stride_dy + cols, mask=mask, other=0.0)
-            else:
-                x = _f32(tl.load(X + row * stride_x + cols, mask=mask, other=0.0), SOFT_BF16)
-                dy = _f32(tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0), SOFT_BF16)
+            x_raw, dy_raw, x_next, dy_next = _bwd_first_chunk(
+                DY, X, x_next, dy_next, row, num_programs, M, stride_dy, stride_x, cols, N, PREFETCH
+            )
+            x = _f32(x_raw, SOFT_BF16)
+            dy = _f32(dy_raw, SOFT_BF16)
             rstd = tl.load(RSTD + row)
             xhat = x * rstd
             g = dy * w if HAS_WEIGHT else dy
@@ -186,48 +254,63 @@ def rmsnorm_bwd_kernel(
         if HAS_WEIGHT:
             tl.store(DW_PARTIAL + cols, dw_acc, mask=mask)
     else:
-        # DW_PARTIAL starts zeroed; each program owns its row, so no two programs touch it.
-        for i in range(0, tl.cdiv(M - pid, num_programs)):
+        # Each row is walked in chunks twice: sum(g * x), then dx (the second pass mostly
+        # hits L1/L2). Two chunks keep both halves of dweight in registers; a row of one
+        # block would hold x, dy, w and dweight at once and spill at 16384 columns. The
+        # looped layout adds into its row of DW_PARTIAL (zeroed; no other program touches it).
+        dw_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dw_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
+        first = pid.to(tl.int64)
+        x_next, dy_next = _bwd_prefetch_start(DY, X, first, stride_dy, stride_x, cols, N, PREFETCH)
+        for i in range(0, n_rows):
             row = pid.to(tl.int64) + i * num_programs
             rstd = tl.load(RSTD + row)
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for off in range(0, N, BLOCK_N):
-                mask = off + cols < N
-                x = _f32(tl.load(X + row * stride_x + off + cols, mask=mask, other=0.0), SOFT_BF16)
-                g = _f32(
-                    tl.load(DY + row * stride_dy + off + cols, mask=mask, other=0.0), SOFT_BF16
+            dy_row, x_row = row * stride_dy, row * stride_x
+            dh_row, dx_row, dres_row = row * stride_dh, row * stride_dx, row * stride_dres
+            if CHUNKS == 2:
+                x_lo, dy_lo, x_next, dy_next = _bwd_first_chunk(
+                    DY, X, x_next, dy_next, row, num_programs, M, stride_dy, stride_x, cols, N,
+                    PREFETCH,
+                )  # fmt: skip
+                x_hi, dy_hi = _bwd_load_chunk(DY, X, dy_row, x_row, BLOCK_N, cols, N)
+                gx = _bwd_chunk_gx(
+                    x_lo, dy_lo, W, 0, cols, N, weight_offset, HAS_WEIGHT, SOFT_BF16
+                ) + _bwd_chunk_gx(
+                    x_hi, dy_hi, W, BLOCK_N, cols, N, weight_offset, HAS_WEIGHT, SOFT_BF16
                 )
-                if HAS_WEIGHT:
-                    w = _f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16)
-                    g = g * (w + weight_offset)
-                acc += g * x
-            c = tl.sum(acc, axis=0) * rstd / N  # mean(g * xhat)
-            for off in range(0, N, BLOCK_N):
-                mask = off + cols < N
-                x = _f32(tl.load(X + row * stride_x + off + cols, mask=mask, other=0.0), SOFT_BF16)
-                dy = _f32(
-                    tl.load(DY + row * stride_dy + off + cols, mask=mask, other=0.0), SOFT_BF16
-                )
-                xhat = x * rstd
-                g = dy
-                if HAS_WEIGHT:
-                    w = _f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16)
-                    g = dy * (w + weight_offset)
-                dx = rstd * (g - xhat * c)
-                if HAS_DH:
-                    dh_ptr = DH + row * stride_dh + off + cols
-                    dx += _f32(tl.load(dh_ptr, mask=mask, other=0.0), SOFT_BF16)
-                tl.store(
-                    DX + row * stride_dx + off + cols,
-                    _round(dx, DX.dtype.element_ty, SOFT_BF16),
-                    mask=mask,
-                )
-                if STORE_DRES:
-                    dres_ptr = DRES + row * stride_dres + off + cols
-                    tl.store(dres_ptr, _round(dx, DRES.dtype.element_ty, SOFT_BF16), mask=mask)
-                if HAS_WEIGHT:
-                    p = tl.load(DW_PARTIAL + off + cols, mask=mask, other=0.0)
-                    tl.store(DW_PARTIAL + off + cols, p + dy * xhat, mask=mask)
+            else:
+                gx = 0.0
+                for off in range(0, N, BLOCK_N):
+                    x, dy = _bwd_load_chunk(DY, X, dy_row, x_row, off, cols, N)
+                    gx += _bwd_chunk_gx(
+                        x, dy, W, off, cols, N, weight_offset, HAS_WEIGHT, SOFT_BF16
+                    )
+            c = gx * rstd / N  # mean(g * xhat)
+            if CHUNKS == 2:
+                dw_lo += _bwd_chunk_dx(
+                    DY, X, W, DH, DX, DRES, dy_row, x_row, dh_row, dx_row, dres_row,
+                    0, cols, N, rstd, c, weight_offset,
+                    HAS_WEIGHT, HAS_DH, STORE_DRES, SOFT_BF16,
+                )  # fmt: skip
+                dw_hi += _bwd_chunk_dx(
+                    DY, X, W, DH, DX, DRES, dy_row, x_row, dh_row, dx_row, dres_row,
+                    BLOCK_N, cols, N, rstd, c, weight_offset,
+                    HAS_WEIGHT, HAS_DH, STORE_DRES, SOFT_BF16,
+                )  # fmt: skip
+            else:
+                for off in range(0, N, BLOCK_N):
+                    dw = _bwd_chunk_dx(
+                        DY, X, W, DH, DX, DRES, dy_row, x_row, dh_row, dx_row, dres_row,
+                        off, cols, N, rstd, c, weight_offset,
+                        HAS_WEIGHT, HAS_DH, STORE_DRES, SOFT_BF16,
+                    )  # fmt: skip
+                    if HAS_WEIGHT:
+                        mask = off + cols < N
+                        p = tl.load(DW_PARTIAL + off + cols, mask=mask, other=0.0)
+                        tl.store(DW_PARTIAL + off + cols, p + dw, mask=mask)
+        if HAS_WEIGHT and CHUNKS == 2:
+            tl.store(DW_PARTIAL + cols, dw_lo)
+            tl.store(DW_PARTIAL + BLOCK_N + cols, dw_hi, mask=BLOCK_N + cols < N)
 
 
 @triton.jit
@@ -266,17 +349,24 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def bwd_launch(m: int, block_n: int, device: torch.device) -> tuple[int, int, bool]:
-    """(programs, num_warps, PREFETCH) of the persistent backward kernel.
+def bwd_launch(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, CHUNKS, programs, num_warps, PREFETCH) of the persistent backward kernel
+    for m rows of n elements.
 
-    Programs per SM fall as rows grow wider (each program keeps a row-wide fp32 dweight
-    accumulator); prefetching the next row doubles the registers a row takes, so it stops
-    at 8192 elements. Measured on an H100: see bench/NOTES.md.
+    Layout: one block up to BWD_MAX_BLOCK_N; two (dweight halves in registers) up to twice
+    that; beyond, looped. Programs per SM fall as blocks grow wider (each keeps a
+    block-wide fp32 dweight accumulator). Prefetching the next row (its first chunk, with
+    two) pays where its registers fit: not at 16384 columns. H100 sweeps: bench/NOTES.md.
     """
+    if n <= BWD_MAX_BLOCK_N:
+        block_n, chunks = 1 << (n - 1).bit_length(), 1
+    else:
+        block_n, chunks = BWD_MAX_BLOCK_N, 2 if n <= 2 * BWD_MAX_BLOCK_N else 0
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         sms = _sm_count(index)
     else:  # Triton's interpreter on the CPU
         sms = 4
     per_sm = max(1, min(8, 8192 // block_n))
-    return max(1, min(m, per_sm * sms)), row_num_warps(block_n), block_n <= 8192
+    prefetch = chunks == 1 or (chunks == 2 and 2 * n <= 3 * BWD_MAX_BLOCK_N)
+    return block_n, chunks, max(1, min(m, per_sm * sms)), row_num_warps(block_n), prefetch

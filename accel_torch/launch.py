@@ -97,9 +97,9 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
     if m == 0:
         return dx, dres, dweight.zero_() if dweight is not None else None
     dh2 = rows_view(dh) if dh is not None else dy2
-    block_n, looped = row_block(n)
-    programs, num_warps, prefetch = bwd_launch(m, block_n, x.device)
+    block_n, chunks, programs, num_warps, prefetch = bwd_launch(m, n, x.device)
     # The looped kernel accumulates into its row of partial, so it must start at zero.
+    looped = chunks == 0
     partial = (x.new_zeros if looped else x.new_empty)((programs, n), dtype=torch.float32)
     rmsnorm_bwd_kernel[(programs,)](
         dy2, x2, weight if weight is not None else x2, rstd.view(m), dh2, dx.view(m, n),
@@ -110,7 +110,7 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
         HAS_DH=dh is not None,
         STORE_DRES=dres_dtype is not None,
         BLOCK_N=block_n,
-        LOOPED=looped,
+        CHUNKS=chunks,
         SOFT_BF16=_config.SOFT_BF16,
         PREFETCH=prefetch,
         num_warps=num_warps,

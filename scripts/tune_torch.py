@@ -37,14 +37,12 @@ def fwd(x, w, y, rstd, warps):
     )  # fmt: skip
 
 
-def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch=True, block=None):
+def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch=True):
     m, n = x.shape
-    block_n, looped = kernels.row_block(n)
-    if block is not None:
-        block_n, looped = block, block < n
+    block_n, chunks, *_ = kernels.bwd_launch(m, n, x.device)
     kernels.rmsnorm_bwd_kernel[(g,)](
         dy, x, w, rstd, dy, dx, dy, partial, n, n, n, n, n, m, n, 0.0,
-        HAS_WEIGHT=True, HAS_DH=False, STORE_DRES=False, BLOCK_N=block_n, LOOPED=looped,
+        HAS_WEIGHT=True, HAS_DH=False, STORE_DRES=False, BLOCK_N=block_n, CHUNKS=chunks,
         SOFT_BF16=_config.SOFT_BF16, PREFETCH=prefetch, num_warps=warps,
     )  # fmt: skip
 
@@ -86,15 +84,6 @@ def main():
                         f" = {c3 / t:.0%} of copy",
                         flush=True,
                     )
-            if n >= 8192:
-                for block in (2048, 4096):
-                    for warps in (4, 8):
-                        t = us(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g, True, block))
-                        print(
-                            f"  bwd looped block={block} per_sm={per_sm} warps={warps}: "
-                            f"{t:.1f} us = {c3 / t:.0%} of copy",
-                            flush=True,
-                        )
             dw = torch.empty(n, device="cuda", dtype=dtype)
             for block_g, block_n, warps in ((32, 128, 4), (32, 64, 4), (16, 32, 2), (64, 32, 4)):
                 t = us(lambda: reduce(partial, dw, block_g, block_n, warps))

@@ -10,8 +10,9 @@ import accel_jax
 from accel_jax import kernels
 from tests.jax.helpers import DTYPES, assert_grad_close, bwd64, f64, fwd64, rand
 
-# single block, ragged N, N = 1, many rows (G < row blocks: programs loop), looped path
-SHAPES = [(3, 1), (2, 5, 33), (9, 1000), (600, 64), (3, 20000)]
+# single block, ragged N, N = 1, several rows per block, two chunks per row
+# (BWD_MAX_CHUNK < N <= 2 * BWD_MAX_CHUNK), looped path
+SHAPES = [(3, 1), (2, 5, 33), (9, 1000), (600, 64), (3, 12000), (3, 20000)]
 
 
 def _loss_weights(key, shape, dtype):
@@ -59,7 +60,7 @@ def test_grads_weight_dtype_and_offset(wdtype, offset):
     assert_grad_close(dx, ref_dx, cx, what="dx")
 
 
-@pytest.mark.parametrize("shape", [(3, 1), (4, 3, 100), (70, 64), (2, 20000)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 1), (4, 3, 100), (70, 64), (2, 12000), (2, 20000)], ids=str)
 @pytest.mark.parametrize(
     "xdtype,rdtype,residual_dtype",
     [
@@ -138,6 +139,24 @@ def test_dweight_is_deterministic(shape):
     first = np.asarray(grad(dy)[0])
     for _ in range(3):
         np.testing.assert_array_equal(np.asarray(grad(dy)[0]), first)
+
+
+@pytest.mark.parametrize(
+    "shape", [(9, 1001), (10, 1001), (41, 2, 72), (4, 9000), (5, 9000)], ids=str
+)
+def test_grads_when_programs_loop(shape, monkeypatch):
+    """Fewer programs than row blocks: each program walks several blocks (the one-chunk
+    layout prefetches the next), with every program full or the last steps ragged."""
+    monkeypatch.setattr(kernels, "BWD_MAX_PROGRAMS", 3)
+    monkeypatch.setattr(kernels, "BWD_MAX_PROGRAMS_WIDE", 2)
+    n = shape[-1]
+    x = rand(22, shape, jnp.bfloat16)
+    w = rand(23, (n,), jnp.float32, scale=0.2, shift=1.0)
+    dy = _loss_weights(24, shape, jnp.bfloat16)
+    dx, dw = jax.vjp(lambda x, w: accel_jax.rmsnorm(x, w, weight_offset=0.5), x, w)[1](dy)
+    ref_dx, ref_dw, cx, cw = bwd64(dy, f64(x), w, weight_offset=0.5)
+    assert_grad_close(dx, ref_dx, cx, what="dx")
+    assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
 
 
 def test_backward_program_count_depends_on_shape_only():

@@ -20,8 +20,9 @@ from tests.jax.helpers import (
     rand,
 )
 
-# (shape, note): single block, ragged N, N=1, several rows per program, looped path.
-SHAPES = [(4, 1), (3, 7, 33), (5, 1000), (64, 1024), (2, 20000)]
+# Single block, ragged N, N=1, several rows per program (also two rows of 4096-column
+# blocks with a ragged row count), looped path.
+SHAPES = [(4, 1), (3, 7, 33), (5, 1000), (64, 1024), (5, 3000), (2, 20000)]
 
 
 def check_forward(
@@ -64,7 +65,7 @@ def test_weight_dtype_offset_and_no_weight(wdtype, offset, casting):
     check_forward(y, x, None, w, 1e-5, weight_offset=offset, casting=casting)
 
 
-@pytest.mark.parametrize("shape", [(4, 1), (3, 5, 33), (16, 1024), (2, 20000)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 1), (3, 5, 33), (16, 1024), (3, 4096), (2, 20000)], ids=str)
 @pytest.mark.parametrize(
     "xdtype,rdtype,residual_dtype",
     [

@@ -481,6 +481,8 @@ SUBNORMAL_WAIVER = (
     "XLA:CPU flushes fp32 subnormals to zero (FTZ/DAZ) in every JAX computation, so no JAX "
     "code on this backend can read or produce them; enforced where JAX keeps them (GPU)"
 )
+
+
 def _waive(result: CaseResult, prefixes: tuple[str, ...], reason: str) -> None:
     """Move the failing checks named with ``prefixes`` to ``result.waived`` (passing ones stay
     enforced, so a fixed platform shows up as passing)."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import accel_torch
-from accel_torch.kernels import MAX_BLOCK_N
+from accel_torch.kernels import BWD_MAX_BLOCK_N, MAX_BLOCK_N
 from accel_torch.ops import rmsnorm_bwd, rmsnorm_fwd, rmsnorm_residual_fwd
 
 from .conftest import needs_interpreter
@@ -15,7 +15,9 @@ from .helpers import assert_grad_close, dx_scale, leaf64, rmsnorm64
 # dx sums N products per row and dweight M products per column, in fp32.
 REL = 1e-5
 
-SHAPES = [(1, 1), (3, 7), (2, 3, 129), (37, 200), (3, MAX_BLOCK_N + 77)]
+# The backward's layouts: one block, two blocks (BWD_MAX_BLOCK_N < N <= 2x), looped. With
+# more rows than programs (4 per SM on the CPU), programs prefetch their next row.
+SHAPES = [(1, 1), (3, 7), (2, 3, 129), (37, 200), (9, BWD_MAX_BLOCK_N + 77), (3, MAX_BLOCK_N + 77)]
 
 
 def _make(shape, dtype, wdtype, seed):
@@ -52,7 +54,16 @@ def test_rmsnorm_grads_match_float64(shape, dtype, wdtype, offset):
         assert_grad_close(grads[1], ref[1], REL)
 
 
-@pytest.mark.parametrize("shape", [(3, 7), (2, 5, 96), (2, MAX_BLOCK_N + 3)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 7),
+        (2, 5, 96),
+        (2, BWD_MAX_BLOCK_N + 3),
+        (6, 2 * BWD_MAX_BLOCK_N - 5),
+        (2, MAX_BLOCK_N + 3),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual_dtype", [None, torch.float32])
 @pytest.mark.parametrize("use_h", [False, True])
