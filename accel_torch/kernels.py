@@ -134,8 +134,10 @@ def _bwd_load_chunk(DY, X, dy_row, x_row, off, cols, N):
 def _bwd_prefetch_start(DY, X, row, stride_dy, stride_x, cols, N, PREFETCH: tl.constexpr):
     """The first chunk of a program's first row when prefetching, else placeholders."""
     if PREFETCH:
-        return _bwd_load_chunk(DY, X, row * stride_dy, row * stride_x, 0, cols, N)
-    return 0.0, 0.0
+        x, dy = _bwd_load_chunk(DY, X, row * stride_dy, row * stride_x, 0, cols, N)
+    else:  # one return for both: Triton types every return statement it reaches
+        x, dy = 0.0, 0.0
+    return x, dy
 
 
 @triton.jit
