@@ -11,7 +11,8 @@ dimensions and decides when to call these. Numerics (all in fp32):
 Block shapes handed to Triton must be powers of two, so ragged rows and columns are masked
 (masked loads read 0, which adds nothing to any sum). Up to ``SINGLE_BLOCK_MAX`` columns a
 program keeps whole rows in registers; beyond that it loops over ``LOOP_BLOCK`` chunks, two
-passes over the row (statistics, then output).
+passes over the row (statistics, then output). The single-block backward walks rows wider
+than ``BWD_MAX_CHUNK`` in chunks, keeping one dweight accumulator per chunk.
 
 Backward is deterministic: a fixed number of programs G (from the shape only) each write
 one fp32 row of dweight partial sums, and ``rmsnorm_dweight_reduce`` sums those rows in a
@@ -369,6 +370,12 @@ def _bwd_kernel(
         idx, _, mask = block(r0, k, check_rows)
         return _load(x_ref.at[idx], mask), _load(dy_ref.at[idx], mask)
 
+    def sum_gx(k, x, dy):
+        """sum(g * x) over chunk k of each row of a block, g = dy * w (fp32)."""
+        w = weight(k)
+        g = dy.astype(F32) if w is None else dy.astype(F32) * w
+        return jnp.sum(g * x.astype(F32), axis=1)
+
     def store_grads(r0, k, x, dy, rstd, mean_gx):
         """Store dx (and dres) of chunk k; return its dweight contribution dy * xhat."""
         idx, _, mask = block(r0, k)
@@ -399,9 +406,7 @@ def _bwd_kernel(
             # The last step prefetches rows past m: masked, they read as 0.
             x_next, dy_next = load_x_dy(start(i + 1), 0, check_rows=True)
             rstd = load_rstd(r0)
-            w = weight(0)
-            g = dy.astype(F32) if w is None else dy.astype(F32) * w
-            mean_gx = jnp.sum(g * x.astype(F32), axis=1) * rstd / n
+            mean_gx = sum_gx(0, x, dy) * rstd / n
             dw = store_grads(r0, 0, x, dy, rstd, mean_gx)
             return (acc[0] + dw if store_dw else acc[0],), x_next, dy_next
 
@@ -413,10 +418,7 @@ def _bwd_kernel(
             rstd = load_rstd(r0)
             gx = 0.0
             for k in range(chunks):
-                x, dy = load_x_dy(r0, k)
-                w = weight(k)
-                g = dy.astype(F32) if w is None else dy.astype(F32) * w
-                gx = gx + jnp.sum(g * x.astype(F32), axis=1)
+                gx = gx + sum_gx(k, *load_x_dy(r0, k))
             mean_gx = gx * rstd / n
             dws = [store_grads(r0, k, *load_x_dy(r0, k), rstd, mean_gx) for k in range(chunks)]
             return tuple(a + dw for a, dw in zip(acc, dws, strict=True)) if store_dw else acc

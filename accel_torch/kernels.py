@@ -3,10 +3,13 @@
 Every kernel works on a 2-D view (M rows, N columns) whose last dimension is contiguous;
 rows may be strided. Statistics and arithmetic are fp32; each output is rounded once.
 
-Two layouts of a row:
-  * one block (N <= MAX_BLOCK_N): the row is loaded once into registers;
-  * looped (N > MAX_BLOCK_N): the row is walked in chunks of BLOCK_N, twice (statistics,
-    then output); the second pass mostly hits L2.
+Layouts of a row:
+  * one block (forward: N <= MAX_BLOCK_N; backward: N <= BWD_MAX_BLOCK_N): the row is
+    loaded once into registers;
+  * two blocks (backward only, BWD_MAX_BLOCK_N < N <= 2 * BWD_MAX_BLOCK_N): as looped, but
+    each half keeps its own dweight accumulator in registers;
+  * looped (wider rows): the row is walked in chunks of BLOCK_N, twice (statistics, then
+    output); the second pass mostly hits L1/L2.
 """
 
 import functools

@@ -3,6 +3,7 @@
 #   bash scripts/gpu_run.sh bench    # python -m bench (all shapes) + numerics report, real sizes
 #   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites
 #   bash scripts/gpu_run.sh tune     # sweep the Triton launch parameters (scripts/tune_torch.py)
+#   bash scripts/gpu_run.sh tune-jax # sweep the Pallas launch parameters (scripts/tune_jax.py)
 # Wheels missing on the GPU image (Liger-Kernel) travel in .whl/ (git-ignored).
 set -u
 mode=${1:-tests}
@@ -36,6 +37,9 @@ case $mode in
         ;;
     tune)
         step tune tune.log python3 scripts/tune_torch.py
+        ;;
+    tune-jax)
+        step tune-jax tune_jax.log python3 scripts/tune_jax.py
         ;;
 esac
 cat "$OUT/env.txt"

@@ -1,0 +1,118 @@
+"""Sweep the Pallas kernels' launch parameters on a GPU against JAX's same-bytes copy.
+
+    python scripts/tune_jax.py               # prints one line per (op, shape, setting)
+
+Device time from CUPTI (bench.jax_timing), warm and L2-flushed cold, in us. Used to choose
+the launch shapes in accel_jax/kernels.py; results go to bench/NOTES.md.
+
+Each setting is timed through a new Python function: ``jax.jit`` keeps traces per
+function, so re-jitting the same function after patching a launch constant would time the
+first setting again.
+"""
+
+import itertools
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import accel_jax.kernels as K  # noqa: E402
+from bench.jax_timing import cold, copy_fn, load_profiler, warm  # noqa: E402
+
+SHAPES = [(256, 4096), (2048, 4096), (8192, 4096), (2048, 8192), (4096, 7168), (4096, 16384)]
+FLUSH_BYTES = 256 << 20
+CALLS = 20
+
+
+def time_us(measure, f, args):
+    """(warm, cold) device us of a fresh function calling f."""
+
+    def fresh(*a):
+        return f(*a)
+
+    us_warm, names = warm(measure, fresh, args, CALLS)
+
+    def fresh_cold(*a):
+        return f(*a)
+
+    return us_warm, cold(measure, fresh_cold, args, CALLS, len(names), FLUSH_BYTES)
+
+
+def copy_us(measure, nbytes):
+    f, args, _ = copy_fn(nbytes)
+    return time_us(measure, f, args)
+
+
+def fwd(x, w):
+    return K.rmsnorm_fwd(
+        x, None, w, eps=1e-6, weight_offset=0.0, llama=False, out_dtype=x.dtype,
+        round_dtype=x.dtype, store_h=False, store_rstd=True, interpret=False,
+    )  # fmt: skip
+
+
+def bwd(dy, x, rstd, w):
+    return K.rmsnorm_bwd(
+        dy, x, rstd, w, None, weight_offset=0.0, dx_dtype=x.dtype, dres_dtype=None,
+        interpret=False,
+    )  # fmt: skip
+
+
+def patched(module, **values):
+    """Set module attributes; return a function that restores them."""
+    old = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    return lambda: [setattr(module, k, v) for k, v in old.items()]
+
+
+def main():
+    measure, why = load_profiler()
+    if measure is None:
+        raise SystemExit(f"needs CUPTI on a GPU: {why}")
+    print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    for m, n in SHAPES:
+        kx, kd = jax.random.split(jax.random.PRNGKey(0))
+        x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
+        dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
+        w = jnp.ones((n,), jnp.bfloat16)
+        rstd = jax.jit(fwd)(x, w)[2]
+
+        cw, cc = copy_us(measure, 2 * m * n * 2)
+        base = K.fwd_launch(m, n)
+        print(f"fwd {m}x{n}: copy warm {cw:.1f} cold {cc:.1f}; default {base}", flush=True)
+        for rows, warps in itertools.product(sorted({1, 2, base.rows}), (4, 8, 16)):
+            launch = K.RowLaunch(base.block_n, rows, base.looped, warps, base.num_stages)
+            restore = patched(K, fwd_launch=lambda mm, nn, launch=launch: launch)
+            tw, tc = time_us(measure, fwd, (x, w))
+            restore()
+            print(
+                f"  rows={rows} warps={warps}: warm {tw:.1f} ({cw / tw:.0%}) "
+                f"cold {tc:.1f} ({cc / tc:.0%})",
+                flush=True,
+            )
+
+        cw, cc = copy_us(measure, 3 * m * n * 2)
+        print(f"bwd {m}x{n}: copy(3MN) warm {cw:.1f} cold {cc:.1f}", flush=True)
+        for cap, warps, chunk in itertools.product((128, 256), (8, 16), (4096, 8192)):
+            if chunk < 8192 and n <= 8192:
+                continue
+            restore = patched(
+                K,
+                BWD_MAX_PROGRAMS=cap,
+                BWD_MAX_PROGRAMS_WIDE=cap,
+                BWD_MAX_CHUNK=chunk,
+                bwd_num_warps=lambda launch, warps=warps: warps,
+            )
+            tw, tc = time_us(measure, bwd, (dy, x, rstd, w))
+            restore()
+            print(
+                f"  programs<={cap} warps={warps} chunk={chunk}: warm {tw:.1f} ({cw / tw:.0%}) "
+                f"cold {tc:.1f} ({cc / tc:.0%})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
