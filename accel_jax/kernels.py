@@ -69,6 +69,18 @@ def _warps(elems: int) -> int:
     return 2 if elems >= 256 else 1
 
 
+def _pallas(kernel, name: str, out_shape, grid, num_warps: int, num_stages=None, *, interpret):
+    """pl.pallas_call of one kernel on the Triton backend (compiler parameters built here)."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class RowLaunch:
     """Launch shape of a row-parallel kernel (forward or backward).
@@ -274,15 +286,10 @@ def rmsnorm_fwd(
         store_rstd=store_rstd,
     )
     inputs = [a for a in (x, residual, weight) if a is not None]
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(pl.cdiv(m, launch.rows),),
-        compiler_params=pltriton.CompilerParams(
-            num_warps=launch.num_warps, num_stages=launch.num_stages
-        ),
-        interpret=interpret,
-        name="rmsnorm_residual_fwd" if has_residual else "rmsnorm_fwd",
+    name = "rmsnorm_residual_fwd" if has_residual else "rmsnorm_fwd"
+    grid = (pl.cdiv(m, launch.rows),)
+    outs = _pallas(
+        kernel, name, out_shape, grid, launch.num_warps, launch.num_stages, interpret=interpret
     )(*inputs)
     outs = list(outs)
     y = outs.pop(0)
@@ -528,14 +535,12 @@ def rmsnorm_dweight_reduce(partial, out_dtype, *, interpret: bool):
     # Narrow column tiles so that even N = 4096 spreads over ~128 programs.
     block_n = min(max(next_pow2(pl.cdiv(n, 128)), 16), 256)
     kernel = functools.partial(_dw_reduce_kernel, g=g, n=n, block_g=block_g, block_n=block_n)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((n,), out_dtype),
-        grid=(pl.cdiv(n, block_n),),
-        compiler_params=pltriton.CompilerParams(num_warps=_warps(block_g * block_n)),
+    out_shape = jax.ShapeDtypeStruct((n,), out_dtype)
+    grid = (pl.cdiv(n, block_n),)
+    return _pallas(
+        kernel, "rmsnorm_dweight_reduce", out_shape, grid, _warps(block_g * block_n),
         interpret=interpret,
-        name="rmsnorm_dweight_reduce",
-    )(partial)
+    )(partial)  # fmt: skip
 
 
 def rmsnorm_bwd(
@@ -563,73 +568,47 @@ def rmsnorm_bwd(
     has_weight = weight is not None
     has_dh = dh is not None
     store_dres = dres_dtype is not None
-    params = pltriton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
     grad_shapes = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
     if store_dres:
         grad_shapes.append(jax.ShapeDtypeStruct((m, n), dres_dtype))
     inputs = [a for a in (dy, x, rstd, weight, dh) if a is not None]
+    flags = dict(
+        weight_offset=weight_offset, has_weight=has_weight, has_dh=has_dh, store_dres=store_dres
+    )
 
     if not launch.looped:
         programs = bwd_programs(m, launch.rows, launch.block_n)
-        params = pltriton.CompilerParams(num_warps=bwd_num_warps(launch), num_stages=1)
         out_shape = list(grad_shapes)
         if has_weight:
             out_shape.append(jax.ShapeDtypeStruct((programs, n), F32))
         kernel = functools.partial(
-            _bwd_kernel,
-            m=m,
-            n=n,
-            launch=launch,
-            programs=programs,
-            weight_offset=weight_offset,
-            has_weight=has_weight,
-            has_dh=has_dh,
-            store_dres=store_dres,
-            store_dw=has_weight,
+            _bwd_kernel, m=m, n=n, launch=launch, programs=programs, store_dw=has_weight, **flags
         )
         outs = list(
-            pl.pallas_call(
-                kernel,
-                out_shape=out_shape,
-                grid=(programs,),
-                compiler_params=params,
+            _pallas(
+                kernel, "rmsnorm_bwd", out_shape, (programs,), bwd_num_warps(launch), 1,
                 interpret=interpret,
-                name="rmsnorm_bwd",
             )(*inputs)
-        )
+        )  # fmt: skip
         partial = outs.pop() if has_weight else None
     else:
-        kernel = functools.partial(
-            _bwd_dx_looped_kernel,
-            n=n,
-            launch=launch,
-            weight_offset=weight_offset,
-            has_weight=has_weight,
-            has_dh=has_dh,
-            store_dres=store_dres,
-        )
+        kernel = functools.partial(_bwd_dx_looped_kernel, n=n, launch=launch, **flags)
         outs = list(
-            pl.pallas_call(
-                kernel,
-                out_shape=grad_shapes,
-                grid=(m,),
-                compiler_params=params,
+            _pallas(
+                kernel, "rmsnorm_bwd_dx", grad_shapes, (m,), launch.num_warps, launch.num_stages,
                 interpret=interpret,
-                name="rmsnorm_bwd_dx",
             )(*inputs)
-        )
+        )  # fmt: skip
         partial = None
         if has_weight:
             programs = max(1, min(pl.cdiv(m, DW_TILE_ROWS), DW_LOOPED_MAX_PROGRAMS))
-            partial = pl.pallas_call(
+            partial = _pallas(
                 functools.partial(_bwd_dw_looped_kernel, m=m, n=n, programs=programs),
-                out_shape=jax.ShapeDtypeStruct((programs, n), F32),
-                grid=(programs, pl.cdiv(n, DW_TILE_COLS)),
-                compiler_params=pltriton.CompilerParams(
-                    num_warps=_warps(DW_TILE_ROWS * DW_TILE_COLS)
-                ),
+                "rmsnorm_bwd_dweight",
+                jax.ShapeDtypeStruct((programs, n), F32),
+                (programs, pl.cdiv(n, DW_TILE_COLS)),
+                _warps(DW_TILE_ROWS * DW_TILE_COLS),
                 interpret=interpret,
-                name="rmsnorm_bwd_dweight",
             )(dy, x, rstd)
     dx = outs[0]
     dres = outs[1] if store_dres else None

@@ -33,7 +33,8 @@ def _compile(fn, types: dict[str, str], constexprs: dict[str, object]) -> str | 
 
 
 def _variants():
-    """(name, kernel, types, constexprs) for every layout and option the ops launch."""
+    """(name, kernel, types, constexprs): every combination of layout and option (a
+    superset of what the ops launch)."""
     for dtype, residual, weight, llama, looped in itertools.product(
         ("bf16", "fp32"), (False, True), (False, True), (False, True), (False, True)
     ):
