@@ -40,6 +40,10 @@ LOOP_BLOCK = 8192
 FWD_TARGET_ELEMS = 4096
 # Most rows one program handles at once.
 MAX_ROWS_PER_BLOCK = 64
+# Forward blocks up to this many elements load the weight before x, so that its latency
+# overlaps x's instead of following the reduction; in wider ones the early load costs
+# registers the row needs (H100: fused 4096x16384 183 -> 193 us with it). bench/NOTES.md.
+FWD_EARLY_WEIGHT_MAX = 8192
 # Cap on backward programs G; G = min(row blocks, cap) depends on the shape only. Rows of
 # 8192+ columns keep a wide dweight accumulator per program: fewer programs run faster
 # (H100 sweep in bench/NOTES.md).
@@ -208,16 +212,20 @@ def _fwd_kernel(
             _store(h_ref.at[idx], h, mask)
         return h.astype(F32)
 
-    def write_y(c0, col_mask, x, rstd):
-        w = _weight_chunk(w_ref, c0, cols, col_mask, weight_offset) if has_weight else None
+    def load_weight(c0, col_mask):
+        return _weight_chunk(w_ref, c0, cols, col_mask, weight_offset) if has_weight else None
+
+    def write_y(c0, col_mask, x, rstd, w):
         y = _normalize(x, rstd, w, llama, round_dtype)
         _store(y_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], y, _mask(row_mask, col_mask))
 
     if not launch.looped:
         col_mask = _col_mask(0, cols, n)
+        early = rows * cols <= FWD_EARLY_WEIGHT_MAX
+        w = load_weight(0, col_mask) if early else None
         x = load_input(0, col_mask, True)
         rstd = 1.0 / jnp.sqrt(jnp.sum(x * x, axis=1) / n + eps)
-        write_y(0, col_mask, x, rstd)
+        write_y(0, col_mask, x, rstd, w if early else load_weight(0, col_mask))
     else:
         n_chunks = pl.cdiv(n, cols)
 
@@ -235,7 +243,8 @@ def _fwd_kernel(
         def _(c):
             c0 = c * cols
             col_mask = _col_mask(c0, cols, n)
-            write_y(c0, col_mask, load_input(c0, col_mask, False), rstd)
+            w = load_weight(c0, col_mask)
+            write_y(c0, col_mask, load_input(c0, col_mask, False), rstd, w)
 
     if store_rstd:
         _store(rstd_ref.at[pl.ds(r0, rows)], rstd, row_mask)
@@ -377,11 +386,12 @@ def _bwd_kernel(
         idx, _, mask = block(r0, k, check_rows)
         return _load(x_ref.at[idx], mask), _load(dy_ref.at[idx], mask)
 
-    def sum_gx(k, x, dy):
-        """sum(g * x) over chunk k of each row of a block, g = dy * w (fp32)."""
+    def g_x(k, x, dy):
+        """g * x over chunk k of a block, g = dy * w (fp32); the chunks' products are
+        added before one reduction."""
         w = weight(k)
         g = dy.astype(F32) if w is None else dy.astype(F32) * w
-        return jnp.sum(g * x.astype(F32), axis=1)
+        return g * x.astype(F32)
 
     def store_grads(r0, k, x, dy, rstd, mean_gx):
         """Store dx (and dres) of chunk k; return its dweight contribution dy * xhat."""
@@ -413,7 +423,7 @@ def _bwd_kernel(
             # The last step prefetches rows past m: masked, they read as 0.
             x_next, dy_next = load_x_dy(start(i + 1), 0, check_rows=True)
             rstd = load_rstd(r0)
-            mean_gx = sum_gx(0, x, dy) * rstd / n
+            mean_gx = jnp.sum(g_x(0, x, dy), axis=1) * rstd / n
             dw = store_grads(r0, 0, x, dy, rstd, mean_gx)
             return (acc[0] + dw if store_dw else acc[0],), x_next, dy_next
 
@@ -423,10 +433,12 @@ def _bwd_kernel(
         def body(i, acc):
             r0 = start(i)
             rstd = load_rstd(r0)
-            gx = 0.0
-            for k in range(chunks):
-                gx = gx + sum_gx(k, *load_x_dy(r0, k))
-            mean_gx = gx * rstd / n
+            # Every chunk's loads go out before the one reduction (which waits on them all).
+            loaded = [load_x_dy(r0, k) for k in range(chunks)]
+            gx = g_x(0, *loaded[0])
+            for k in range(1, chunks):
+                gx = gx + g_x(k, *loaded[k])
+            mean_gx = jnp.sum(gx, axis=1) * rstd / n
             dws = [store_grads(r0, k, *load_x_dy(r0, k), rstd, mean_gx) for k in range(chunks)]
             return tuple(a + dw for a, dw in zip(acc, dws, strict=True)) if store_dw else acc
 

@@ -21,6 +21,7 @@ import triton.language as tl
 MAX_BLOCK_N = 16384  # largest row kept whole in registers
 LOOP_BLOCK_N = 8192  # chunk of the looped path
 BWD_MAX_BLOCK_N = 8192  # widest backward block (a wider one spills registers)
+FWD_MIN_ELEMS = 1024  # narrower rows go several to a forward program
 
 
 @triton.jit
@@ -59,43 +60,54 @@ def _f32(x, SOFT_BF16: tl.constexpr):
 def rmsnorm_fwd_kernel(
     X, R, W, Y, H, RSTD,
     stride_x, stride_r, stride_y, stride_h,
-    N, eps, weight_offset,
+    M, N, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr,  # fused op: normalize h = round(x + r), and store h
     HAS_WEIGHT: tl.constexpr,
     LLAMA: tl.constexpr,  # round x*rstd to the normalized tensor's dtype before the weight
     BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program (1 when LOOPED)
     LOOPED: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    EARLY_WEIGHT: tl.constexpr,  # load w before x: its latency overlaps x's, not the sum's
 ):  # fmt: skip
-    """One program per row: y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps)."""
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_x
-    Y += row * stride_y
-    if HAS_RESIDUAL:
-        R += row * stride_r
-        H += row * stride_h
+    """Program p normalizes rows [p * ROWS, (p + 1) * ROWS): y = x * rstd * w,
+    rstd = 1/sqrt(mean(x^2) + eps)."""
+    pid = tl.program_id(0).to(tl.int64)
     norm_dtype = H.dtype.element_ty if HAS_RESIDUAL else X.dtype.element_ty
     cols = tl.arange(0, BLOCK_N)
 
     if not LOOPED:
-        mask = cols < N
-        x = _f32(tl.load(X + cols, mask=mask, other=0.0), SOFT_BF16)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < M
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        if HAS_WEIGHT and EARLY_WEIGHT:
+            w = _f32(tl.load(W + cols, mask=col_mask, other=0.0), SOFT_BF16) + weight_offset
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        x = _f32(x, SOFT_BF16)
         if HAS_RESIDUAL:
-            r = _f32(tl.load(R + cols, mask=mask, other=0.0), SOFT_BF16)
-            h = _round(x + r, norm_dtype, SOFT_BF16)
-            tl.store(H + cols, h, mask=mask)
+            r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            h = _round(x + _f32(r, SOFT_BF16), norm_dtype, SOFT_BF16)
+            tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
             x = _f32(h, SOFT_BF16)
-        rstd = _rstd(tl.sum(x * x, axis=0), N, eps)
-        tl.store(RSTD + row, rstd)
-        y = x * rstd
+        rstd = _rstd(tl.sum(x * x, axis=1), N, eps)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+        y = x * rstd[:, None]
         if HAS_WEIGHT:
-            w = _f32(tl.load(W + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset
+            if not EARLY_WEIGHT:
+                w = _f32(tl.load(W + cols, mask=col_mask, other=0.0), SOFT_BF16) + weight_offset
             if LLAMA:
-                y = _f32(_round(y, norm_dtype, SOFT_BF16), SOFT_BF16) * w
+                y = _f32(_round(y, norm_dtype, SOFT_BF16), SOFT_BF16) * w[None, :]
             else:  # x * (rstd * w): one rounding into fp32's subnormal range, not two
-                y = x * (rstd * w)
-        tl.store(Y + cols, _round(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
+                y = x * (rstd[:, None] * w[None, :])
+        y = _round(y, Y.dtype.element_ty, SOFT_BF16)
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
     else:
+        X += pid * stride_x
+        Y += pid * stride_y
+        if HAS_RESIDUAL:
+            R += pid * stride_r
+            H += pid * stride_h
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for off in range(0, N, BLOCK_N):
             mask = off + cols < N
@@ -107,7 +119,7 @@ def rmsnorm_fwd_kernel(
                 x = _f32(h, SOFT_BF16)
             acc += x * x
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
-        tl.store(RSTD + row, rstd)
+        tl.store(RSTD + pid, rstd)
         for off in range(0, N, BLOCK_N):
             mask = off + cols < N
             # The fused op re-reads the rounded h it stored (this program's own writes).
@@ -167,12 +179,13 @@ def _bwd_first_chunk(
 def _bwd_chunk_gx(
     x, dy, W, off, cols, N, weight_offset, HAS_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr
 ):
-    """sum(g * x) over one chunk of a row (x, dy from _bwd_load_chunk), g = dy * w."""
+    """g * x over one chunk of a row (x, dy from _bwd_load_chunk), g = dy * w, in fp32;
+    the chunks' products are added before one reduction."""
     g = _f32(dy, SOFT_BF16)
     if HAS_WEIGHT:
         mask = off + cols < N
         g = g * (_f32(tl.load(W + off + cols, mask=mask, other=0.0), SOFT_BF16) + weight_offset)
-    return tl.sum(g * _f32(x, SOFT_BF16), axis=0)
+    return g * _f32(x, SOFT_BF16)
 
 
 @triton.jit
@@ -284,13 +297,13 @@ def rmsnorm_bwd_kernel(
                     x_hi, dy_hi, W, BLOCK_N, cols, N, weight_offset, HAS_WEIGHT, SOFT_BF16
                 )
             else:
-                gx = 0.0
+                gx = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for off in range(0, N, BLOCK_N):
                     x, dy = _bwd_load_chunk(DY, X, dy_row, x_row, off, cols, N)
                     gx += _bwd_chunk_gx(
                         x, dy, W, off, cols, N, weight_offset, HAS_WEIGHT, SOFT_BF16
                     )
-            c = gx * rstd / N  # mean(g * xhat)
+            c = tl.sum(gx, axis=0) * rstd / N  # mean(g * xhat)
             if CHUNKS == 2:
                 dw_lo += _bwd_chunk_dx(
                     DY, X, W, DH, DX, DRES, dy_row, x_row, dh_row, dx_row, dres_row,
@@ -347,6 +360,21 @@ def row_block(n: int) -> tuple[int, bool]:
 def row_num_warps(block_n: int) -> int:
     """Warps for a program that holds block_n elements of a row (about 16 per thread)."""
     return max(1, min(16, block_n // 512))
+
+
+def fwd_launch(m: int, n: int) -> tuple[int, int, bool, int, bool]:
+    """(BLOCK_N, ROWS, LOOPED, num_warps, EARLY_WEIGHT) of the forward kernel for m rows of
+    n elements.
+
+    A program holds at least FWD_MIN_ELEMS elements: rows narrower than that go several to
+    a program (H100, 65536x256: 41.1 us with one row, 24.9 with four; copy 24.2). The weight
+    is loaded before x up to 4096 columns, where rows are latency-bound (256x4096 warm:
+    2.7 -> 2.4 us); in wider blocks the early load made the kernel slower (4096x16384:
+    92 -> 101 us). bench/NOTES.md has the sweeps.
+    """
+    block_n, looped = row_block(n)
+    rows = 1 if looped else max(1, FWD_MIN_ELEMS // block_n)
+    return block_n, rows, looped, row_num_warps(block_n * rows), block_n <= 4096
 
 
 @functools.cache

@@ -5,15 +5,15 @@ everything here is safe under CUDA-graph capture and under torch.compile's opaqu
 """
 
 import torch
+import triton
 
 from . import _config
 from .kernels import (
     bwd_launch,
     dweight_reduce_kernel,
+    fwd_launch,
     rmsnorm_bwd_kernel,
     rmsnorm_fwd_kernel,
-    row_block,
-    row_num_warps,
 )
 
 _EMPTY = (0,)
@@ -66,18 +66,20 @@ def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
         r2, h2 = rows_view(residual), h.view(m, n)
     else:
         r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
-    block_n, looped = row_block(n)
-    rmsnorm_fwd_kernel[(m,)](
+    block_n, rows, looped, num_warps, early_weight = fwd_launch(m, n)
+    rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
         x2, r2, weight if weight is not None else x2, y.view(m, n), h2, rstd.view(m),
         _row_stride(x2), _row_stride(r2), n, n,
-        n, eps, weight_offset,
+        m, n, eps, weight_offset,
         HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None,
         LLAMA=llama,
         BLOCK_N=block_n,
+        ROWS=rows,
         LOOPED=looped,
         SOFT_BF16=_config.SOFT_BF16,
-        num_warps=row_num_warps(block_n),
+        EARLY_WEIGHT=early_weight,
+        num_warps=num_warps,
     )  # fmt: skip
     return y, h, rstd
 

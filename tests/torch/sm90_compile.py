@@ -35,15 +35,17 @@ def _compile(fn, types: dict[str, str], constexprs: dict[str, object]) -> str | 
 def _variants():
     """(name, kernel, types, constexprs): every combination of layout and option (a
     superset of what the ops launch)."""
-    for dtype, residual, weight, llama, looped in itertools.product(
-        ("bf16", "fp32"), (False, True), (False, True), (False, True), (False, True)
+    for dtype, residual, weight, llama, layout in itertools.product(
+        ("bf16", "fp32"), (False, True), (False, True), (False, True), ("late", "early", "looped")
     ):
+        looped = layout == "looped"
         p = f"*{dtype}"
         types = dict(X=p, R=p, W=p, Y=p, H=p, RSTD="*fp32", stride_x="i32", stride_r="i32")
-        types |= dict(stride_y="i32", stride_h="i32", N="i32", eps="fp32", weight_offset="fp32")
-        block = kernels.LOOP_BLOCK_N if looped else 4096
+        types |= dict(stride_y="i32", stride_h="i32", M="i32", N="i32", eps="fp32")
+        types |= dict(weight_offset="fp32")
+        block, rows = (kernels.LOOP_BLOCK_N, 1) if looped else (4096, 2)
         const = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, LLAMA=llama, BLOCK_N=block)
-        const |= dict(LOOPED=looped, SOFT_BF16=False)
+        const |= dict(ROWS=rows, LOOPED=looped, SOFT_BF16=False, EARLY_WEIGHT=layout == "early")
         yield f"fwd {dtype} {const}", kernels.rmsnorm_fwd_kernel, types, const
     for dtype, chunks, prefetch, weight, dh in itertools.product(
         ("bf16", "fp32"), (1, 2, 0), (False, True), (False, True), (False, True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import accel_torch
+from accel_torch import kernels
 from accel_torch.kernels import MAX_BLOCK_N
 from accel_torch.launch import rows_view as _rows
 
@@ -124,3 +125,31 @@ def test_fallback_path_matches_kernels():
         (y_kernel.double() - y_torch.double()).abs()
         <= 2 * torch.finfo(torch.bfloat16).eps * y_torch.double().abs()
     ).all()
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("casting", ["fp32", "llama"])
+def test_several_rows_per_program(rows, casting, monkeypatch):
+    """Programs of several rows, the last one ragged, on strided rows; plain and fused
+    (with the weight loaded at the other time than the default launch's)."""
+    from accel_torch import launch
+
+    def several_rows(m, n):
+        block_n, _, looped, num_warps, early_weight = kernels.fwd_launch(m, n)
+        return block_n, rows, looped, num_warps, not early_weight
+
+    monkeypatch.setattr(launch, "fwd_launch", several_rows)
+    big, w = _inputs((7, 160), torch.bfloat16, torch.float32, seed=6)
+    x = big[:, 20:120]
+    r = torch.randn(7, 100, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    y = accel_torch.rmsnorm(x, w[:100], casting=casting)
+    y_fused, h = accel_torch.rmsnorm_residual_fused(
+        x, r, w[:100], casting=casting, return_residual=True
+    )
+    assert torch.equal(h, (x.double() + r.double()).to(torch.bfloat16))
+    if casting == "llama":
+        assert_llama_matches_hf(y, x, w[:100])
+        assert_llama_matches_hf(y_fused, h, w[:100])
+    else:
+        assert_within_ulp(y, rmsnorm64(x, w[:100]))
+        assert_within_ulp(y_fused, rmsnorm64(h, w[:100]))
