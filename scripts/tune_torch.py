@@ -7,6 +7,8 @@ Cold timings (L2 flushed, triton.testing.do_bench median, us). Used to choose th
 shapes in accel_torch/kernels.py; results go to bench/NOTES.md.
 """
 
+import itertools
+
 import torch
 import triton
 from triton.testing import do_bench
@@ -14,7 +16,15 @@ from triton.testing import do_bench
 import accel_torch
 from accel_torch import _config, kernels
 
-SHAPES = [(256, 4096), (2048, 4096), (8192, 4096), (2048, 8192), (4096, 16384), (32768, 2048)]
+SHAPES = [
+    (65536, 256),
+    (256, 4096),
+    (2048, 4096),
+    (8192, 4096),
+    (2048, 8192),
+    (4096, 16384),
+    (32768, 2048),
+]
 
 
 def us(fn):
@@ -27,13 +37,13 @@ def copy_us(numel_moved, dtype):
     return us(lambda: dst.copy_(src))
 
 
-def fwd(x, w, y, rstd, warps):
+def fwd(x, w, y, rstd, rows, warps, early):
     m, n = x.shape
     block_n, looped = kernels.row_block(n)
-    kernels.rmsnorm_fwd_kernel[(m,)](
-        x, x, w, y, y, rstd, n, n, n, n, n, 1e-6, 0.0,
-        HAS_RESIDUAL=False, HAS_WEIGHT=True, LLAMA=False, BLOCK_N=block_n, LOOPED=looped,
-        SOFT_BF16=_config.SOFT_BF16, num_warps=warps,
+    kernels.rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
+        x, x, w, y, y, rstd, n, n, n, n, m, n, 1e-6, 0.0,
+        HAS_RESIDUAL=False, HAS_WEIGHT=True, LLAMA=False, BLOCK_N=block_n, ROWS=rows,
+        LOOPED=looped, SOFT_BF16=_config.SOFT_BF16, EARLY_WEIGHT=early, num_warps=warps,
     )  # fmt: skip
 
 
@@ -68,10 +78,21 @@ def main():
         rstd = torch.empty(m, device="cuda", dtype=torch.float32)
         c2, c3 = copy_us(2 * m * n, dtype), copy_us(3 * m * n, dtype)
         rms = us(lambda: torch.nn.functional.rms_norm(x, (n,), w, 1e-6))
-        print(f"fwd {m}x{n}: copy {c2:.1f} F.rms_norm {rms:.1f}", flush=True)
-        for warps in (4, 8, 16, 32):
-            t = us(lambda: fwd(x, w, y, rstd, warps))
-            print(f"  fwd warps={warps}: {t:.1f} us = {c2 / t:.0%} of copy", flush=True)
+        print(
+            f"fwd {m}x{n}: copy {c2:.1f} F.rms_norm {rms:.1f}; default "
+            f"(BLOCK_N, ROWS, LOOPED, warps, EARLY_WEIGHT) = {kernels.fwd_launch(m, n)}",
+            flush=True,
+        )
+        block_n, looped = kernels.row_block(n)
+        for rows, warps, early in itertools.product((1, 2, 4, 8), (4, 8, 16, 32), (False, True)):
+            if (looped and rows > 1) or rows * block_n > kernels.MAX_BLOCK_N:
+                continue
+            t = us(lambda: fwd(x, w, y, rstd, rows, warps, early))
+            print(
+                f"  fwd rows={rows} warps={warps} early_weight={early}: {t:.1f} us"
+                f" = {c2 / t:.0%} of copy",
+                flush=True,
+            )
         print(f"bwd {m}x{n}: copy(3MN) {c3:.1f}", flush=True)
         for per_sm in (1, 2, 4):
             g = min(m, per_sm * sms)
