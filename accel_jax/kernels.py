@@ -225,7 +225,9 @@ def _fwd_kernel(
         w = load_weight(0, col_mask) if early else None
         x = load_input(0, col_mask, True)
         rstd = 1.0 / jnp.sqrt(jnp.sum(x * x, axis=1) / n + eps)
-        write_y(0, col_mask, x, rstd, w if early else load_weight(0, col_mask))
+        if not early:
+            w = load_weight(0, col_mask)
+        write_y(0, col_mask, x, rstd, w)
     else:
         n_chunks = pl.cdiv(n, cols)
 
