@@ -331,6 +331,19 @@ def bwd_chunks(launch: RowLaunch) -> int:
     return max(1, launch.block_n // BWD_MAX_CHUNK)
 
 
+def _bwd_refs(refs, has_weight, has_dh, store_dres, store_dw):
+    """The backward kernels' refs in rmsnorm_bwd's order, None where absent:
+    (dy, x, rstd, w, dh) inputs, then (dx, dres, dweight partials) outputs."""
+    it = iter(refs)
+    dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
+    w_ref = next(it) if has_weight else None
+    dh_ref = next(it) if has_dh else None
+    dx_ref = next(it)
+    dres_ref = next(it) if store_dres else None
+    dwp_ref = next(it) if store_dw else None
+    return dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, dwp_ref
+
+
 def _bwd_kernel(
     *refs,
     m,
@@ -347,16 +360,13 @@ def _bwd_kernel(
 
     One chunk: the next block's x and dy are loaded before this block's reduction (a loop
     carry; a block's reduction sits between its loads and stores, so little else would be
-    in flight). Several chunks (rows = 1): sum(g * x) over the chunks, then dx chunk by
-    chunk from reloaded x and dy (mostly L1/L2 hits), one dweight accumulator per chunk.
+    in flight). Several chunks (rows = 1): every chunk's x and dy loaded, one reduction of
+    the chunks' summed g * x, then dx chunk by chunk from reloaded x and dy (mostly L1/L2
+    hits), one dweight accumulator per chunk.
     """
-    it = iter(refs)
-    dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
-    w_ref = next(it) if has_weight else None
-    dh_ref = next(it) if has_dh else None
-    dx_ref = next(it)
-    dres_ref = next(it) if store_dres else None
-    dwp_ref = next(it) if store_dw else None
+    dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, dwp_ref = _bwd_refs(
+        refs, has_weight, has_dh, store_dres, store_dw
+    )
 
     chunks = bwd_chunks(launch)
     rows, cols = launch.rows, launch.block_n // chunks
@@ -458,12 +468,9 @@ def _bwd_dx_looped_kernel(
     *refs, n, launch: RowLaunch, weight_offset, has_weight, has_dh, store_dres
 ):
     """Looped backward dx for wide rows: one row per program, two passes over chunks."""
-    it = iter(refs)
-    dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
-    w_ref = next(it) if has_weight else None
-    dh_ref = next(it) if has_dh else None
-    dx_ref = next(it)
-    dres_ref = next(it) if store_dres else None
+    dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, _ = _bwd_refs(
+        refs, has_weight, has_dh, store_dres, False
+    )
 
     cols = launch.block_n
     r0 = pl.program_id(0)

@@ -5,7 +5,7 @@ rows may be strided. Statistics and arithmetic are fp32; each output is rounded 
 
 Layouts of a row:
   * one block (forward: N <= MAX_BLOCK_N; backward: N <= BWD_MAX_BLOCK_N): the row is
-    loaded once into registers;
+    loaded once into registers (forward: narrow rows several to a program, ROWS);
   * two blocks (backward only, BWD_MAX_BLOCK_N < N <= 2 * BWD_MAX_BLOCK_N): as looped, but
     each half keeps its own dweight accumulator in registers;
   * looped (wider rows): the row is walked in chunks of BLOCK_N, twice (statistics, then
@@ -179,8 +179,8 @@ def _bwd_first_chunk(
 def _bwd_chunk_gx(
     x, dy, W, off, cols, N, weight_offset, HAS_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr
 ):
-    """g * x over one chunk of a row (x, dy from _bwd_load_chunk), g = dy * w, in fp32;
-    the chunks' products are added before one reduction."""
+    """g * x over one chunk of a row (x, dy from _bwd_load_chunk), g = dy * w, in fp32,
+    elementwise: the caller reduces (two chunks: their sum, once; looped: each chunk)."""
     g = _f32(dy, SOFT_BF16)
     if HAS_WEIGHT:
         mask = off + cols < N
