@@ -4,6 +4,7 @@
 #   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites
 #   bash scripts/gpu_run.sh tune     # sweep the Triton launch parameters (scripts/tune_torch.py)
 #   bash scripts/gpu_run.sh tune-jax # sweep the Pallas launch parameters (scripts/tune_jax.py)
+#   bash scripts/gpu_run.sh carveout # backward under JAX's cache split (scripts/carveout_check.py)
 # Wheels missing on the GPU image (Liger-Kernel) travel in .whl/ (git-ignored).
 set -u
 mode=${1:-tests}
@@ -40,6 +41,10 @@ case $mode in
         ;;
     tune-jax)
         step tune-jax tune_jax.log python3 scripts/tune_jax.py
+        ;;
+    carveout)
+        step carveout carveout.log python3 scripts/carveout_check.py
+        cat "$OUT/carveout.log"
         ;;
 esac
 cat "$OUT/env.txt"

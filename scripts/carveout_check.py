@@ -1,0 +1,126 @@
+"""Time the backward kernels of both halves and `accel_torch`'s under JAX's cache split.
+
+    python scripts/carveout_check.py
+
+XLA launches Pallas's Triton kernels preferring shared memory: Nsight Compute reports
+`CachePreferShared` and a 233 KB shared-memory configuration for `accel_jax`'s backward,
+leaving about 23 KB of the SM's 256 KB to L1, against `CachePreferNone` and 33 KB for the
+same Triton kernel launched by `accel_torch`. Rows of more than 8192 columns are walked
+twice by the backward (the second pass reloads x and dy, expected to hit L1).
+
+This script times, in us (warm: CUDA-graph replay / same inputs; cold: L2 flushed):
+  * `accel_torch`'s backward with the driver's default split, then with the function set
+    to prefer shared memory (carveout 100%, `cuFuncSetAttribute`), then default again;
+  * `accel_jax`'s backward (CUPTI device time, bench.jax_timing).
+If `accel_torch` under the shared-memory split runs as slowly as `accel_jax`, the split
+explains the gap between the two halves. Results: bench/NOTES.md.
+
+`accel_torch`'s cold times are `triton.testing.do_bench`'s, which include the host's launch
+time where that exceeds the L2 flush: read them only for the long kernels (16384 and
+12288 columns); the bench keeps the host out with a GPU spin.
+"""
+
+import ctypes
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import accel_jax.kernels as JK  # noqa: E402
+import accel_torch.launch as TL  # noqa: E402
+from accel_torch.kernels import rmsnorm_bwd_kernel  # noqa: E402
+from bench.jax_timing import cold, load_profiler, warm  # noqa: E402
+
+SHAPES = [(4096, 16384), (4096, 12288), (2048, 8192)]
+CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
+
+
+def compiled_kernels(jit_fn):
+    """The compiled kernels a Triton JITFunction holds (its cache layout varies by version)."""
+    found = []
+
+    def visit(obj, depth=0):
+        if hasattr(obj, "asm") and hasattr(obj, "function"):
+            found.append(obj)
+        elif isinstance(obj, dict) and depth < 4:
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif isinstance(obj, (tuple, list)) and depth < 4:
+            for v in obj:
+                visit(v, depth + 1)
+
+    visit(getattr(jit_fn, "device_caches", None) or getattr(jit_fn, "cache", {}))
+    return found
+
+
+def set_carveout(percent):
+    """Preferred shared-memory carveout of every compiled backward kernel (-1: default)."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    for kernel in compiled_kernels(rmsnorm_bwd_kernel):
+        kernel._init_handles()
+        rc = cuda.cuFuncSetAttribute(
+            ctypes.c_void_p(kernel.function),
+            CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            percent,
+        )
+        if rc != 0:
+            raise RuntimeError(f"cuFuncSetAttribute returned {rc}")
+
+
+def torch_us(m, n):
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+
+    def bwd():
+        return TL.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None)
+
+    bwd()
+    torch.cuda.synchronize()
+    times = {}
+    for label, percent in (("default", -1), ("prefer shared", 100), ("default again", -1)):
+        set_carveout(percent)
+        times[label] = (
+            1e3 * triton.testing.do_bench_cudagraph(bwd, rep=100),
+            1e3 * triton.testing.do_bench(bwd, rep=200),
+        )
+    set_carveout(-1)
+    return times
+
+
+def jax_us(measure, m, n):
+    kx, kd, kw = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (n,), jnp.float32).astype(jnp.bfloat16)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1) + 1e-6)
+
+    def bwd(dy, x, rstd, w):
+        return JK.rmsnorm_bwd(
+            dy, x, rstd, w, None, weight_offset=0.0, dx_dtype=x.dtype, dres_dtype=None,
+            interpret=False,
+        )  # fmt: skip
+
+    us_warm, names = warm(measure, bwd, (dy, x, rstd, w), 20)
+    return us_warm, cold(measure, bwd, (dy, x, rstd, w), 20, len(names), 256 << 20)
+
+
+def main():
+    measure, why = load_profiler()
+    if measure is None:
+        raise SystemExit(f"needs CUPTI on a GPU: {why}")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "jax", jax.__version__)
+    for m, n in SHAPES:
+        cells = [f"{label} {w:.1f}/{c:.1f}" for label, (w, c) in torch_us(m, n).items()]
+        jw, jc = jax_us(measure, m, n)
+        print(f"{m}x{n} backward warm/cold us: accel_torch " + ", ".join(cells), end="")
+        print(f"; accel_jax {jw:.1f}/{jc:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
