@@ -29,8 +29,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
+from tune_jax import bwd as jax_bwd  # noqa: E402  (scripts/ is on the path of a script)
 
-import accel_jax.kernels as JK  # noqa: E402
 import accel_torch.launch as TL  # noqa: E402
 from accel_torch.kernels import rmsnorm_bwd_kernel  # noqa: E402
 from bench.jax_timing import cold, load_profiler, warm  # noqa: E402
@@ -100,14 +100,8 @@ def jax_us(measure, m, n):
     w = jax.random.normal(kw, (n,), jnp.float32).astype(jnp.bfloat16)
     rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1) + 1e-6)
 
-    def bwd(dy, x, rstd, w):
-        return JK.rmsnorm_bwd(
-            dy, x, rstd, w, None, weight_offset=0.0, dx_dtype=x.dtype, dres_dtype=None,
-            interpret=False,
-        )  # fmt: skip
-
-    us_warm, names = warm(measure, bwd, (dy, x, rstd, w), 20)
-    return us_warm, cold(measure, bwd, (dy, x, rstd, w), 20, len(names), 256 << 20)
+    us_warm, names = warm(measure, jax_bwd, (dy, x, rstd, w), 20)
+    return us_warm, cold(measure, jax_bwd, (dy, x, rstd, w), 20, len(names), 256 << 20)
 
 
 def main():

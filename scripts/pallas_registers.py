@@ -1,4 +1,5 @@
-"""CPU only: registers and spills of `accel_jax`'s backward kernel, compiled for sm_90a.
+"""CPU only: registers and spills of `accel_jax`'s single-block backward kernel (N <= 16384),
+compiled for sm_90a.
 
     python scripts/pallas_registers.py M N [NAME=VALUE ...]
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import triton  # noqa: E402
 from jax._src.pallas.triton import lowering  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from tune_jax import bwd  # noqa: E402  (scripts/ is on the path of a script)
 
 import accel_jax.kernels as K  # noqa: E402
 
@@ -86,20 +88,16 @@ def main():
     w = jax.ShapeDtypeStruct((n,), jnp.bfloat16)
     rstd = jax.ShapeDtypeStruct((m,), jnp.float32)
 
-    def bwd(dy, x, rstd, w):
-        return K.rmsnorm_bwd(
-            dy, x, rstd, w, None, weight_offset=0.0, dx_dtype=x.dtype, dres_dtype=None,
-            interpret=False,
-        )  # fmt: skip
-
     try:  # lowering for CUDA gets past the kernels, then may fail later on a CPU-only jaxlib
         jax.jit(bwd).trace(x, x, rstd, w).lower(lowering_platforms=("cuda",))
     except Exception as e:  # noqa: BLE001 (the kernels' IR is already captured)
         print(f"(lowering for cuda stopped after the kernels: {type(e).__name__})")
+    if K.row_launch(m, n).looped:
+        raise SystemExit(f"N = {n}: only the single-block backward (N <= 16384) is reported")
     warps = K.bwd_num_warps(K.row_launch(m, n))
     for ttir in modules:
         name = re.search(r"tt\.func (?:public )?@(\w+)", ttir).group(1)
-        if name.startswith("rmsnorm_bwd"):
+        if name == "rmsnorm_bwd":
             report = ptxas_report(ttir, warps)
             print(f"{name} {m}x{n} warps={warps} {' '.join(sys.argv[3:])}: {report}")
 
