@@ -252,9 +252,11 @@ def rmsnorm_bwd_kernel(
             x = _f32(x_raw, SOFT_BF16)
             dy = _f32(dy_raw, SOFT_BF16)
             rstd = tl.load(RSTD + row)
-            xhat = x * rstd
             g = dy * w if HAS_WEIGHT else dy
-            c = tl.sum(g * xhat, axis=0) / N
+            # mean(g * xhat) with rstd applied after the sum: the sum does not wait on rstd's
+            # load, so the next row's loads go out before it (as in the two-chunk layout).
+            c = tl.sum(g * x, axis=0) * rstd / N
+            xhat = x * rstd
             dx = rstd * (g - xhat * c)
             if HAS_DH:
                 dx += _f32(tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0), SOFT_BF16)

@@ -186,10 +186,6 @@ def _needs_grad(*tensors) -> bool:
 # ---- public API ----
 
 
-def _use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda or (x.device.type == "cpu" and _config.interpret_enabled())
-
-
 def rmsnorm(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
     """RMSNorm over the last axis: ``y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset)``.
 

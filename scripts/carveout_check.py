@@ -1,4 +1,4 @@
-"""Time the backward kernels of both halves and `accel_torch`'s under JAX's cache split.
+"""Time the kernels of both halves, and `accel_torch`'s under JAX's cache split.
 
     python scripts/carveout_check.py
 
@@ -8,16 +8,19 @@ leaving about 23 KB of the SM's 256 KB to L1, against `CachePreferNone` and 33 K
 same Triton kernel launched by `accel_torch`. Rows of more than 8192 columns are walked
 twice by the backward (the second pass reloads x and dy, expected to hit L1).
 
+XLA does this for every kernel launched with dynamic shared memory, which every Triton
+kernel that reduces across warps has: `CudaKernel::UpdateMaxDynamicSharedMemoryBytes` in
+XLA's `stream_executor/cuda/cuda_kernel.cc` calls `cuFuncSetCacheConfig(...,
+CU_FUNC_CACHE_PREFER_SHARED)` the first time a launch asks for more dynamic shared memory
+than the function's recorded maximum (initially none).
+
 This script times, in us (warm: CUDA-graph replay / same inputs; cold: L2 flushed):
-  * `accel_torch`'s backward with the driver's default split, then with the function set
-    to prefer shared memory (carveout 100%, `cuFuncSetAttribute`), then default again;
-  * `accel_jax`'s backward (CUPTI device time, bench.jax_timing).
+  * `accel_torch`'s forward and backward with the driver's default split, then with the
+    function set to prefer shared memory (carveout 100%, `cuFuncSetAttribute`), then
+    default again (bench/timing.py's timers: the host's launch time stays out);
+  * `accel_jax`'s forward and backward (CUPTI device time, bench.jax_timing).
 If `accel_torch` under the shared-memory split runs as slowly as `accel_jax`, the split
 explains the gap between the two halves. Results: bench/NOTES.md.
-
-`accel_torch`'s cold times are `triton.testing.do_bench`'s, which include the host's launch
-time where that exceeds the L2 flush: read them only for the long kernels (16384 and
-12288 columns); the bench keeps the host out with a GPU spin.
 """
 
 import ctypes
@@ -28,14 +31,19 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
 from tune_jax import bwd as jax_bwd  # noqa: E402  (scripts/ is on the path of a script)
+from tune_jax import fwd as jax_fwd  # noqa: E402
 
 import accel_torch.launch as TL  # noqa: E402
-from accel_torch.kernels import rmsnorm_bwd_kernel  # noqa: E402
+from accel_torch.kernels import rmsnorm_bwd_kernel, rmsnorm_fwd_kernel  # noqa: E402
 from bench.jax_timing import cold, load_profiler, warm  # noqa: E402
+from bench.timing import cuda_cold_us, cuda_warm_us  # noqa: E402
 
-SHAPES = [(4096, 16384), (4096, 12288), (2048, 8192)]
+SHAPES = {
+    "fwd": [(4096, 16384), (2048, 8192), (8192, 4096)],
+    "bwd": [(4096, 16384), (4096, 12288), (2048, 8192)],
+}
+KERNELS = {"fwd": rmsnorm_fwd_kernel, "bwd": rmsnorm_bwd_kernel}
 CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
 
 
@@ -57,10 +65,10 @@ def compiled_kernels(jit_fn):
     return found
 
 
-def set_carveout(percent):
-    """Preferred shared-memory carveout of every compiled backward kernel (-1: default)."""
+def set_carveout(jit_fn, percent):
+    """Preferred shared-memory carveout of every compiled kernel of jit_fn (-1: default)."""
     cuda = ctypes.CDLL("libcuda.so.1")
-    for kernel in compiled_kernels(rmsnorm_bwd_kernel):
+    for kernel in compiled_kernels(jit_fn):
         kernel._init_handles()
         rc = cuda.cuFuncSetAttribute(
             ctypes.c_void_p(kernel.function),
@@ -71,37 +79,37 @@ def set_carveout(percent):
             raise RuntimeError(f"cuFuncSetAttribute returned {rc}")
 
 
-def torch_us(m, n):
+def torch_us(op, m, n):
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
 
-    def bwd():
+    def call():
+        if op == "fwd":
+            return TL.rmsnorm_fwd_launch(x, None, w, 1e-6, 0.0, False, None)
         return TL.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None)
 
-    bwd()
+    call()
     torch.cuda.synchronize()
     times = {}
     for label, percent in (("default", -1), ("prefer shared", 100), ("default again", -1)):
-        set_carveout(percent)
-        times[label] = (
-            1e3 * triton.testing.do_bench_cudagraph(bwd, rep=100),
-            1e3 * triton.testing.do_bench(bwd, rep=200),
-        )
-    set_carveout(-1)
+        set_carveout(KERNELS[op], percent)
+        times[label] = (cuda_warm_us(call, rep_ms=100), cuda_cold_us(call, rep_ms=200))
+    set_carveout(KERNELS[op], -1)
     return times
 
 
-def jax_us(measure, m, n):
+def jax_us(measure, op, m, n):
     kx, kd, kw = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
     dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(kw, (n,), jnp.float32).astype(jnp.bfloat16)
     rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1) + 1e-6)
+    f, args = (jax_fwd, (x, w)) if op == "fwd" else (jax_bwd, (dy, x, rstd, w))
 
-    us_warm, names = warm(measure, jax_bwd, (dy, x, rstd, w), 20)
-    return us_warm, cold(measure, jax_bwd, (dy, x, rstd, w), 20, len(names), 256 << 20)
+    us_warm, names = warm(measure, f, args, 20)
+    return us_warm, cold(measure, f, args, 20, len(names), 256 << 20)
 
 
 def main():
@@ -109,11 +117,13 @@ def main():
     if measure is None:
         raise SystemExit(f"needs CUPTI on a GPU: {why}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "jax", jax.__version__)
-    for m, n in SHAPES:
-        cells = [f"{label} {w:.1f}/{c:.1f}" for label, (w, c) in torch_us(m, n).items()]
-        jw, jc = jax_us(measure, m, n)
-        print(f"{m}x{n} backward warm/cold us: accel_torch " + ", ".join(cells), end="")
-        print(f"; accel_jax {jw:.1f}/{jc:.1f}", flush=True)
+    for op, shapes in SHAPES.items():
+        for m, n in shapes:
+            times = torch_us(op, m, n)
+            cells = [f"{label} {w:.1f}/{c:.1f}" for label, (w, c) in times.items()]
+            jw, jc = jax_us(measure, op, m, n)
+            print(f"{op} {m}x{n} warm/cold us: accel_torch " + ", ".join(cells), end="")
+            print(f"; accel_jax {jw:.1f}/{jc:.1f}", flush=True)
 
 
 if __name__ == "__main__":

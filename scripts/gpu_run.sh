@@ -4,7 +4,8 @@
 #   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites
 #   bash scripts/gpu_run.sh tune     # sweep the Triton launch parameters (scripts/tune_torch.py)
 #   bash scripts/gpu_run.sh tune-jax # sweep the Pallas launch parameters (scripts/tune_jax.py)
-#   bash scripts/gpu_run.sh carveout # backward under JAX's cache split (scripts/carveout_check.py)
+#   bash scripts/gpu_run.sh carveout # both kernels under JAX's cache split (scripts/carveout_check.py)
+#   bash scripts/gpu_run.sh parity   # Pallas against Triton kernels, both by CUPTI (kernel_parity.py)
 # Wheels missing on the GPU image (Liger-Kernel) travel in .whl/ (git-ignored).
 set -u
 mode=${1:-tests}
@@ -45,6 +46,10 @@ case $mode in
     carveout)
         step carveout carveout.log python3 scripts/carveout_check.py
         cat "$OUT/carveout.log"
+        ;;
+    parity)
+        step parity parity.log python3 scripts/kernel_parity.py
+        cat "$OUT/parity.log"
         ;;
 esac
 cat "$OUT/env.txt"

@@ -1,40 +1,36 @@
 # ruff: noqa: B023, E501  (a sweep: each lambda is timed at once, inside its loop)
 """Sweep the Triton kernels' launch parameters on a GPU against a same-bytes copy.
 
-    python scripts/tune_torch.py            # prints one line per (op, shape, config)
+    python scripts/tune_torch.py            # prints one line per (op, shape, setting)
+    python scripts/tune_torch.py fwd 2048x4096 8192x4096   # one op, some shapes
 
-Cold timings (L2 flushed, triton.testing.do_bench median, us). Used to choose the launch
-shapes in accel_torch/kernels.py; results go to bench/NOTES.md.
+Times each setting as the bench does (bench/timing.py): cold = L2 flushed, GPU spin before
+the call, CUDA events, median; warm = CUDA-graph replay. Both in us, each beside the
+same-bytes copy timed the same way. `*` marks the launch accel_torch uses now. Used to
+choose the launch shapes in accel_torch/kernels.py; results go to bench/NOTES.md.
 """
 
 import itertools
+import sys
 
 import torch
 import triton
-from triton.testing import do_bench
 
 import accel_torch
 from accel_torch import _config, kernels
-
-SHAPES = [
-    (65536, 256),
-    (256, 4096),
-    (2048, 4096),
-    (8192, 4096),
-    (2048, 8192),
-    (4096, 16384),
-    (32768, 2048),
-]
+from bench.shapes import GPU_SHAPES, parse_shape
+from bench.timing import cuda_cold_us, cuda_warm_us
 
 
-def us(fn):
-    return 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+def both(fn):
+    """(cold, warm) us of fn()."""
+    return cuda_cold_us(fn), cuda_warm_us(fn)
 
 
 def copy_us(numel_moved, dtype):
     src = torch.empty(numel_moved // 2, dtype=dtype, device="cuda").normal_()
     dst = torch.empty_like(src)
-    return us(lambda: dst.copy_(src))
+    return both(lambda: dst.copy_(src))
 
 
 def fwd(x, w, y, rstd, rows, warps, early):
@@ -47,7 +43,7 @@ def fwd(x, w, y, rstd, rows, warps, early):
     )  # fmt: skip
 
 
-def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch=True):
+def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch):
     m, n = x.shape
     block_n, chunks, *_ = kernels.bwd_launch(m, n, x.device)
     kernels.rmsnorm_bwd_kernel[(g,)](
@@ -57,69 +53,100 @@ def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch=True):
     )  # fmt: skip
 
 
-def reduce(partial, dw, block_g, block_n, warps):
-    g, n = partial.shape
-    kernels.dweight_reduce_kernel[(triton.cdiv(n, block_n),)](
-        partial, dw, g, n, BLOCK_G=block_g, BLOCK_N=block_n, SOFT_BF16=False, num_warps=warps
+def line(label, times, copy, default):
+    (tc, tw), (cc, cw) = times, copy
+    mark = "*" if default else " "
+    return f" {mark}{label}: cold {tc:.1f} ({cc / tc:.0%}) warm {tw:.1f} ({cw / tw:.0%})"
+
+
+def sweep_fwd(x, w, y, rstd, dtype):
+    m, n = x.shape
+    copy = copy_us(2 * m * n, dtype)
+    default = kernels.fwd_launch(m, n)
+    block_n, looped = kernels.row_block(n)
+    print(
+        f"fwd {m}x{n}: copy cold {copy[0]:.1f} warm {copy[1]:.1f}; default "
+        f"(BLOCK_N, ROWS, LOOPED, warps, EARLY_WEIGHT) = {default}",
+        flush=True,
+    )
+    for rows, warps, early in itertools.product((1, 2, 4), (4, 8, 16, 32), (False, True)):
+        if (looped and rows > 1) or rows * block_n > kernels.MAX_BLOCK_N:
+            continue
+        if rows * block_n < kernels.FWD_MIN_ELEMS or warps * 512 > 2 * rows * block_n:
+            continue  # at least 8 elements per thread
+        times = both(lambda: fwd(x, w, y, rstd, rows, warps, early))
+        is_default = (block_n, rows, looped, warps, early) == default
+        print(
+            line(f"rows={rows} warps={warps} early_weight={early}", times, copy, is_default),
+            flush=True,
+        )
+
+
+def sweep_bwd(x, w, rstd, dtype):
+    m, n = x.shape
+    dy, dx = torch.randn_like(x), torch.empty_like(x)
+    copy = copy_us(3 * m * n, dtype)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block_n, chunks, programs, num_warps, prefetch = kernels.bwd_launch(m, n, x.device)
+    print(
+        f"bwd {m}x{n} (kernel alone): copy(3MN) cold {copy[0]:.1f} warm {copy[1]:.1f}; "
+        f"default (BLOCK_N, CHUNKS, programs, warps, PREFETCH) = "
+        f"{(block_n, chunks, programs, num_warps, prefetch)}",
+        flush=True,
+    )
+    for per_sm, warps, pre in itertools.product((1, 2, 4), (4, 8, 16), (False, True)):
+        g = min(m, per_sm * sms)
+        if chunks == 0 and pre:
+            continue
+        partial = torch.zeros(g, n, device="cuda", dtype=torch.float32)
+        times = both(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g, pre))
+        is_default = (g, warps, pre) == (programs, num_warps, prefetch)
+        print(
+            line(
+                f"programs={g} ({per_sm}/SM) warps={warps} prefetch={pre}", times, copy, is_default
+            ),
+            flush=True,
+        )
+
+
+def public_fwdbwd(x, w, dtype):
+    m, n = x.shape
+    xg, wg, dy = x.clone().requires_grad_(True), w.clone().requires_grad_(True), torch.randn_like(x)
+    copy = copy_us(5 * m * n, dtype)
+    tc, tw = both(lambda: torch.autograd.grad(accel_torch.rmsnorm(xg, wg), (xg, wg), dy))
+    print(
+        f"fwd+bwd (public API) {m}x{n}: cold {tc:.1f} ({tc / copy[0]:.2f}x copy) "
+        f"warm {tw:.1f} ({tw / copy[1]:.2f}x)",
+        flush=True,
     )
 
 
-def main():
+def main(argv):
+    ops = [a for a in argv if a in ("fwd", "bwd", "fwdbwd")] or ["fwd", "bwd", "fwdbwd"]
+    names = [a for a in argv if "x" in a] or list(GPU_SHAPES)
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    props = torch.cuda.get_device_properties(0)
     print(
-        f"{torch.cuda.get_device_name()} sms={sms} torch={torch.__version__} triton={triton.__version__}"
+        f"{props.name} sms={props.multi_processor_count} torch={torch.__version__} "
+        f"triton={triton.__version__}",
+        flush=True,
     )
-    for m, n in SHAPES:
+    for name in names:
+        shape = parse_shape(name)
+        m, n = shape.rows, shape.hidden
         x = torch.randn(m, n, device="cuda", dtype=dtype)
         w = torch.randn(n, device="cuda", dtype=dtype)
-        y, dy, dx = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
-        rstd = torch.empty(m, device="cuda", dtype=torch.float32)
-        c2, c3 = copy_us(2 * m * n, dtype), copy_us(3 * m * n, dtype)
-        rms = us(lambda: torch.nn.functional.rms_norm(x, (n,), w, 1e-6))
-        print(
-            f"fwd {m}x{n}: copy {c2:.1f} F.rms_norm {rms:.1f}; default "
-            f"(BLOCK_N, ROWS, LOOPED, warps, EARLY_WEIGHT) = {kernels.fwd_launch(m, n)}",
-            flush=True,
-        )
-        block_n, looped = kernels.row_block(n)
-        for rows, warps, early in itertools.product((1, 2, 4, 8), (4, 8, 16, 32), (False, True)):
-            if (looped and rows > 1) or rows * block_n > kernels.MAX_BLOCK_N:
-                continue
-            t = us(lambda: fwd(x, w, y, rstd, rows, warps, early))
-            print(
-                f"  fwd rows={rows} warps={warps} early_weight={early}: {t:.1f} us"
-                f" = {c2 / t:.0%} of copy",
-                flush=True,
-            )
-        print(f"bwd {m}x{n}: copy(3MN) {c3:.1f}", flush=True)
-        for per_sm in (1, 2, 4):
-            g = min(m, per_sm * sms)
-            partial = torch.zeros(g, n, device="cuda", dtype=torch.float32)
-            for warps in (4, 8, 16, 32):
-                for prefetch in (False, True):
-                    t = us(lambda: bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch))
-                    print(
-                        f"  bwd per_sm={per_sm} warps={warps} prefetch={prefetch}: {t:.1f} us"
-                        f" = {c3 / t:.0%} of copy",
-                        flush=True,
-                    )
-            dw = torch.empty(n, device="cuda", dtype=dtype)
-            for block_g, block_n, warps in ((32, 128, 4), (32, 64, 4), (16, 32, 2), (64, 32, 4)):
-                t = us(lambda: reduce(partial, dw, block_g, block_n, warps))
-                print(
-                    f"  reduce g={g} BLOCK_G={block_g} BLOCK_N={block_n} warps={warps}: {t:.1f} us",
-                    flush=True,
-                )
-        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        c5 = copy_us(5 * m * n, dtype)
-        t = us(lambda: torch.autograd.grad(accel_torch.rmsnorm(xg, wg), (xg, wg), dy))
-        print(
-            f"fwd+bwd (public API) {m}x{n}: {t:.1f} us, copy(5MN) {c5:.1f}: {t / c5:.2f}x",
-            flush=True,
-        )
+        y, rstd = torch.empty_like(x), torch.empty(m, device="cuda", dtype=torch.float32)
+        _, rows, _, warps, early = kernels.fwd_launch(m, n)
+        fwd(x, w, y, rstd, rows, warps, early)  # rstd for the backward
+        if "fwd" in ops:
+            sweep_fwd(x, w, y, rstd, dtype)
+        if "bwd" in ops:
+            sweep_bwd(x, w, rstd, dtype)
+        if "fwdbwd" in ops:
+            public_fwdbwd(x, w, dtype)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
