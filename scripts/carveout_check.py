@@ -29,14 +29,11 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-from tune_jax import bwd as jax_bwd  # noqa: E402  (scripts/ is on the path of a script)
-from tune_jax import fwd as jax_fwd  # noqa: E402
+from kernel_parity import jax_us, torch_calls  # noqa: E402  (scripts/ is on the path)
 
-import accel_torch.launch as TL  # noqa: E402
 from accel_torch.kernels import rmsnorm_bwd_kernel, rmsnorm_fwd_kernel  # noqa: E402
-from bench.jax_timing import cold, load_profiler, warm  # noqa: E402
+from bench.jax_timing import load_profiler  # noqa: E402
 from bench.timing import cuda_cold_us, cuda_warm_us  # noqa: E402
 
 SHAPES = {
@@ -80,16 +77,7 @@ def set_carveout(jit_fn, percent):
 
 
 def torch_us(op, m, n):
-    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
-
-    def call():
-        if op == "fwd":
-            return TL.rmsnorm_fwd_launch(x, None, w, 1e-6, 0.0, False, None)
-        return TL.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None)
-
+    call = torch_calls(m, n)[op]
     call()
     torch.cuda.synchronize()
     times = {}
@@ -98,18 +86,6 @@ def torch_us(op, m, n):
         times[label] = (cuda_warm_us(call, rep_ms=100), cuda_cold_us(call, rep_ms=200))
     set_carveout(KERNELS[op], -1)
     return times
-
-
-def jax_us(measure, op, m, n):
-    kx, kd, kw = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
-    dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (n,), jnp.float32).astype(jnp.bfloat16)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1) + 1e-6)
-    f, args = (jax_fwd, (x, w)) if op == "fwd" else (jax_bwd, (dy, x, rstd, w))
-
-    us_warm, names = warm(measure, f, args, 20)
-    return us_warm, cold(measure, f, args, 20, len(names), 256 << 20)
 
 
 def main():

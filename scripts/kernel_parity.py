@@ -25,17 +25,16 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-from tune_jax import bwd as jax_bwd  # noqa: E402  (scripts/ is on the path of a script)
+from tune_jax import CALLS, FLUSH_BYTES, time_us  # noqa: E402  (scripts/ is on the path)
+from tune_jax import bwd as jax_bwd  # noqa: E402
 from tune_jax import fwd as jax_fwd  # noqa: E402
 
 import accel_jax.kernels as K  # noqa: E402
 import accel_torch.launch as TL  # noqa: E402
-from bench.jax_timing import cold, load_profiler, warm  # noqa: E402
+from bench.jax_timing import load_profiler  # noqa: E402
 from bench.metrics import median  # noqa: E402
 from bench.shapes import GPU_SHAPES, parse_shape  # noqa: E402
 
-CALLS = 20
-FLUSH_BYTES = 256 << 20
 OURS = ("rmsnorm", "dweight")  # kernel names of both halves contain one of these
 
 
@@ -67,18 +66,23 @@ def torch_kernel_us(fn, flush=None):
     )
 
 
-def torch_us(op, m, n):
+def torch_calls(m, n):
+    """`accel_torch`'s kernels on bf16 (m, n) inputs: {"fwd" | "fused" | "bwd": call}."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x, r, dy = (torch.randn(m, n, device="cuda", generator=g).bfloat16() for _ in range(3))
     w = torch.randn(n, device="cuda", generator=g).bfloat16()
     rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
-    calls = {
+    return {
         "fwd": lambda: TL.rmsnorm_fwd_launch(x, None, w, 1e-6, 0.0, False, None),
         "fused": lambda: TL.rmsnorm_fwd_launch(x, r, w, 1e-6, 0.0, False, torch.bfloat16),
         "bwd": lambda: TL.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None),
     }
+
+
+def torch_us(op, m, n):
+    call = torch_calls(m, n)[op]
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    return torch_kernel_us(calls[op]), torch_kernel_us(calls[op], flush)
+    return torch_kernel_us(call), torch_kernel_us(call, flush)
 
 
 def jax_fused(x, r, w):
@@ -88,18 +92,22 @@ def jax_fused(x, r, w):
     )  # fmt: skip
 
 
-def jax_us(measure, op, m, n):
+def jax_calls(m, n):
+    """`accel_jax`'s kernels on bf16 (m, n) inputs: {"fwd" | "fused" | "bwd": (f, args)}."""
     kx, kr, kd, kw = jax.random.split(jax.random.PRNGKey(0), 4)
     x, r, dy = (jax.random.normal(k, (m, n)).astype(jnp.bfloat16) for k in (kx, kr, kd))
     w = jax.random.normal(kw, (n,), jnp.float32).astype(jnp.bfloat16)
     rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1) + 1e-6)
-    f, args = {
+    return {
         "fwd": (jax_fwd, (x, w)),
         "fused": (jax_fused, (x, r, w)),
         "bwd": (jax_bwd, (dy, x, rstd, w)),
-    }[op]
-    us_warm, names = warm(measure, f, args, CALLS)
-    return us_warm, cold(measure, f, args, CALLS, len(names), FLUSH_BYTES)
+    }
+
+
+def jax_us(measure, op, m, n):
+    """(warm, cold) CUPTI us of one `accel_jax` kernel call (scripts/tune_jax.py's timer)."""
+    return time_us(measure, *jax_calls(m, n)[op])
 
 
 CELLS = [(op, name) for op in ("fwd", "fused", "bwd") for name in GPU_SHAPES]
