@@ -13,6 +13,11 @@ from ._config import interpret_enabled, set_interpret
 from .modules import TritonRMSNorm, replace_rmsnorm
 from .ops import rmsnorm, rmsnorm_residual_fused
 from .reference import rmsnorm_residual_torch, rmsnorm_torch
+from .sharding import register_on_dtensor_import
+
+__version__ = "0.2.0"
+
+register_on_dtensor_import()  # DTensor rules for the ops, once torch.distributed.tensor loads
 
 __all__ = [
     "TritonRMSNorm",
