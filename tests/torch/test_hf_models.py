@@ -1,0 +1,378 @@
+"""replace_rmsnorm on Hugging Face models: every RMSNorm class of the installed transformers is
+swapped with numerics that reproduce it, or left alone for a stated reason; tiny models of
+each family give the same logits, bit for bit, before and after the swap (CPU, bf16: the
+swapped modules run accel_torch's fallback math, the kernels' numerics in torch ops)."""
+
+import glob
+import importlib
+import inspect
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from accel_torch.modules import TritonRMSNorm
+from accel_torch.replace import UnweightedRMSNorm, replace_rmsnorm
+
+from .helpers import assert_within_ulp, rmsnorm64
+
+transformers = pytest.importorskip("transformers")
+
+_MODELS = os.path.join(os.path.dirname(transformers.__file__), "models")
+_NORM_CLASS = re.compile(r"^class (\w*Norm\w*)\(", re.M)
+
+# RMSNorm-named classes that replace_rmsnorm leaves alone, and why (their math is not an
+# RMSNorm of x over the last axis times a weight). Names absent from the installed
+# transformers are ignored; an RMSNorm class missing from here and not swapped fails.
+_SIGMOID_GATE = "multiplies by sigmoid(gate), a second input"
+_SILU_GATE = "multiplies by silu(gate), a second input"
+_GROUPED = "normalizes groups of group_size channels, and multiplies by silu(gate)"
+LEFT_ALONE = {
+    "BailingHybridRMSNormGated": _SIGMOID_GATE,
+    "Glm5NextTextRMSNormGated": _SIGMOID_GATE,
+    "KimiLinearRMSNormGated": _SIGMOID_GATE,
+    "LaraMiniRMSNormGated": _SILU_GATE,
+    "OlmoHybridRMSNormGated": _SILU_GATE,
+    "Qwen3_5RMSNormGated": _SILU_GATE,
+    "Qwen3_5MoeRMSNormGated": _SILU_GATE,
+    "Qwen3NextRMSNormGated": _SILU_GATE,
+    "Qwen4ExpTextRMSNormGated": _SILU_GATE,
+    "BambaRMSNormGated": _GROUPED,
+    "GraniteMoeHybridRMSNormGated": _GROUPED,
+    "MambaRMSNormGated": _GROUPED,
+    "NemotronHRMSNormGated": _GROUPED,
+    "Zamba2RMSNormGated": _GROUPED,
+    "FalconH1RMSNormGated": "normalizes n_groups groups, and multiplies by silu(gate)",
+    "DeepseekV4UnweightedRMSNorm": "rounds rstd to x's dtype, then x * rstd in x's dtype",
+    "Glm5NextTextUnweightedRMSNorm": "rounds rstd to x's dtype, then x * rstd in x's dtype",
+    "HYV4UnweightedRMSNorm": "returns rstd itself, not x * rstd",
+    "HYV4VLUnweightedRMSNorm": "returns rstd itself, not x * rstd",
+    "MuseSparkTextCenteredRMSNorm": "rounds 1 + weight to the weight's dtype",
+    "MuseSparkTextInputScaledRMSNorm": "scales x by 1 + weight and rounds, then normalizes",
+    "AXK2GatedRMSNorm": "a block (an RMSNorm, then a gate from an MLP): its RMSNorm is swapped",
+}
+
+# Constructor arguments for building one norm of each class (eps not a default, so that a
+# swap that lost it shows); group_size only where it is required.
+_ARGS = {"hidden_size": 64, "dim": 64, "normalized_shape": 64, "eps": 1e-5}
+_REQUIRED_ARGS = {**_ARGS, "group_size": 16}
+
+
+def _modeling_files():
+    files = []
+    for path in sorted(glob.glob(os.path.join(_MODELS, "*", "modeling_*.py"))):
+        with open(path, encoding="utf-8") as f:
+            if _NORM_CLASS.search(f.read()):
+                files.append(os.path.relpath(path, _MODELS)[: -len(".py")].replace(os.sep, "."))
+    return files
+
+
+def _build(cls):
+    """An instance from _ARGS and _REQUIRED_ARGS, or None."""
+    kwargs = {}
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in _ARGS or (p.default is p.empty and p.name in _REQUIRED_ARGS):
+            kwargs[p.name] = _REQUIRED_ARGS[p.name]
+        elif p.default is p.empty:
+            return None
+    try:
+        return cls(**kwargs)
+    except Exception:  # e.g. a LayerNorm2d wanting more than a size
+        return None
+
+
+def _assert_reproduces(original, swapped, dtype, casting):
+    """swapped(x) against original(x) on random inputs of dtype: bit for bit, except for
+    casting="fp32" with a weight: there accel_torch computes x * (rstd * w) and Hugging Face
+    (x * rstd) * w, which round apart only next to a rounding midpoint (expected < 1 element
+    in 1000 in 16-bit; a wrong casting differs in ~1/4 of them)."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(16, 64)).to(dtype)
+    with torch.no_grad():
+        expected, out = original.to(dtype)(x), swapped.to(dtype)(x)
+    assert out.dtype == expected.dtype == dtype
+    weight = getattr(swapped, "weight", None)
+    if casting == "llama" or weight is None:
+        assert torch.equal(out, expected), f"{(out != expected).sum()} elements differ"
+        return
+    assert_within_ulp(out, rmsnorm64(x, weight, swapped.eps, swapped.weight_offset))
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=3e-7, atol=0)
+    else:
+        assert_within_ulp(out, expected.double())
+        assert (out != expected).sum() <= 4
+
+
+@pytest.mark.parametrize("modeling", _modeling_files())
+def test_every_rmsnorm_class_is_swapped_or_left_alone_for_a_reason(modeling, torch_fallback):
+    module = importlib.import_module(f"transformers.models.{modeling}")
+    classes = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type)
+        and issubclass(c, nn.Module)
+        and c.__module__ == module.__name__
+        and "Norm" in c.__name__
+    ]
+    for cls in classes:
+        norm = _build(cls)
+        if norm is None:
+            assert "RMSNorm" not in cls.__name__ or cls.__name__ in LEFT_ALONE, cls
+            continue
+        if isinstance(getattr(norm, "weight", None), nn.Parameter):
+            with torch.no_grad():
+                norm.weight.copy_(0.5 + torch.rand(norm.weight.shape))
+        holder = nn.Sequential(norm)
+        result = replace_rmsnorm(holder)
+        if cls.__name__ in LEFT_ALONE or not result:
+            assert cls.__name__ in LEFT_ALONE or "RMSNorm" not in cls.__name__, (
+                f"{cls.__name__} is neither swapped nor listed as left alone: {result.report()}"
+            )
+            assert result == 0 and holder[0] is norm, f"{cls.__name__} should be left alone"
+            if "RMSNorm" in cls.__name__:
+                assert [a.original for a in result.left_alone] == [cls.__name__]
+            continue
+        new = holder[0]
+        assert result == 1 and isinstance(new, (TritonRMSNorm, UnweightedRMSNorm)), cls
+        assert new.eps == _ARGS["eps"], cls
+        casting = getattr(new, "casting", "fp32")
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            _assert_reproduces(norm, new, dtype, casting)
+
+
+def test_instance_attributes_decide_if_tests(torch_fallback):
+    """Qwen4ExpTextRMSNorm is Gemma's formula without group_size, a grouped norm with it."""
+    modeling = pytest.importorskip("transformers.models.qwen4_exp.modeling_qwen4_exp")
+    gemma3n = pytest.importorskip("transformers.models.gemma3n.modeling_gemma3n")
+    plain = modeling.Qwen4ExpTextRMSNorm(64, eps=1e-5)
+    grouped = modeling.Qwen4ExpTextRMSNorm(64, group_size=16, eps=1e-5)
+    unscaled = gemma3n.Gemma3nRMSNorm(64, eps=1e-5, with_scale=False)
+    model = nn.ModuleDict({"plain": plain, "grouped": grouped, "unscaled": unscaled})
+    result = replace_rmsnorm(model)
+    assert result == 2 and model["grouped"] is grouped
+    assert model["plain"].weight_offset == 1.0 and model["plain"].weight is plain.weight
+    assert isinstance(model["unscaled"], UnweightedRMSNorm)
+    assert [(a.path, a.original) for a in result.left_alone] == [("grouped", "Qwen4ExpTextRMSNorm")]
+    for dtype in (torch.bfloat16, torch.float32):
+        _assert_reproduces(unscaled, model["unscaled"], dtype, "fp32")
+
+
+# ---- whole models: a tiny config of each family, logits bit for bit ----
+
+_TINY = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_T5 = dict(vocab_size=64, d_model=64, d_kv=32, d_ff=64, num_layers=1, num_heads=2)
+_T5_SUB = {k: v for k, v in _TINY.items() if k not in ("bos_token_id", "eos_token_id")}
+_T5_SUB.update(query_pre_attn_scalar=32, sliding_window=16)
+
+# (model_type, config overrides, norm weights, casting and weight_offset of the weighted norms
+# swapped in, classes left alone). Norm weights: "any" random; "pow2" random powers of two as
+# the scale (the weight, or 1 + weight): with those, fp32 casting's x * (rstd * w) and the
+# fp32 families' (x * rstd) * w are both exact products, so their logits must agree bit for
+# bit too (the module test above bounds the general case).
+FAMILIES = [
+    ("llama", {}, "any", ("llama", 0.0), ()),
+    ("mistral", {}, "any", ("llama", 0.0), ()),
+    ("qwen3", {}, "any", ("llama", 0.0), ()),
+    ("granite", {}, "any", ("llama", 0.0), ()),
+    ("glm4", {}, "any", ("llama", 0.0), ()),
+    (
+        "deepseek_v3",
+        dict(
+            head_dim=16,
+            num_key_value_heads=2,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+        ),
+        "any",
+        ("llama", 0.0),
+        (),
+    ),
+    ("llama4_text", dict(num_local_experts=2, intermediate_size_mlp=64), "any", ("llama", 0.0), ()),
+    ("t5", _T5, "any", ("llama", 0.0), ()),
+    ("olmo2", {}, "pow2", ("fp32", 0.0), ()),
+    ("helium", {}, "pow2", ("fp32", 0.0), ()),
+    ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2), "pow2", ("fp32", 0.0), ()),
+    (
+        "gemma3n_text",
+        dict(
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=64,
+            laurel_rank=4,
+            num_kv_shared_layers=0,
+            layer_types=["full_attention"],
+            activation_sparsity_pattern=[0.0],
+        ),
+        "pow2",
+        ("fp32", 0.0),
+        (),
+    ),
+    ("gemma", {}, "pow2", ("fp32", 1.0), ()),
+    ("gemma2", {}, "pow2", ("fp32", 1.0), ()),
+    ("vaultgemma", {}, "pow2", ("fp32", 1.0), ()),
+    (
+        "qwen3_next",
+        dict(
+            layer_types=["linear_attention", "full_attention"],
+            num_hidden_layers=2,
+            linear_num_value_heads=2,
+            linear_num_key_heads=1,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        "pow2",
+        ("fp32", 1.0),
+        ("Qwen3NextRMSNormGated",),
+    ),
+    ("t5gemma", dict(encoder=_T5_SUB, decoder=_T5_SUB, vocab_size=64), "pow2", ("fp32", 1.0), ()),
+    ("nanochat", {}, "any", None, ()),
+]
+
+
+def _set_norm_weights(model, kind, generator):
+    """Random weights for every 1-d weight of a *Norm* module (as "any" or "pow2" says)."""
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if "Norm" not in type(module).__name__ or not isinstance(w, nn.Parameter) or w.dim() != 1:
+            continue
+        if kind == "any":
+            values = 0.5 + torch.rand(w.shape, generator=generator)
+        else:
+            scale = 2.0 ** torch.randint(-1, 3, w.shape, generator=generator)
+            offset = 1.0 if torch.all(w == 0) else 0.0  # Gemma-style norms start at zero
+            values = scale - offset
+        with torch.no_grad():
+            w.copy_(values)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, weights, numerics, left_alone",
+    FAMILIES,
+    ids=[f[0] for f in FAMILIES],
+)
+def test_tiny_model_logits_bit_exact_after_swap(
+    model_type, overrides, weights, numerics, left_alone, torch_fallback
+):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    base = _T5 if model_type == "t5" else {} if model_type == "t5gemma" else _TINY
+    config = AutoConfig.for_model(model_type, **{**base, **overrides})
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = auto.from_config(config).to(torch.bfloat16).eval()
+    _set_norm_weights(model, weights, torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    norms = {
+        name: type(m).__name__
+        for name, m in model.named_modules()
+        if re.search("RMSNorm|T5LayerNorm|L2Norm", type(m).__name__)
+    }
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    before = _logits(model, ids)
+
+    result = replace_rmsnorm(model)
+
+    after = _logits(model, ids)
+    assert torch.equal(after, before), f"{(after != before).sum()} of {after.numel()} differ"
+    assert before.abs().max() > 0
+    swapped = {s.path: s.original for s in result.swapped}
+    assert result == len(swapped) > 0
+    assert {a.path: a.original for a in result.left_alone} == {
+        p: c for p, c in norms.items() if c in left_alone
+    }
+    assert swapped == {p: c for p, c in norms.items() if c not in left_alone}
+    for path in swapped:
+        new = model.get_submodule(path)
+        if f"{path}.weight" not in params:
+            assert isinstance(new, UnweightedRMSNorm), path
+        else:
+            assert (new.casting, new.weight_offset) == numerics, path
+            assert new.weight is params[f"{path}.weight"]  # the same Parameter, not a copy
+    assert list(model.state_dict()) == keys
+    assert replace_rmsnorm(model) == 0
+
+
+# ---- the summary ----
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+        self.a = LlamaRMSNorm(32)
+        self.b = nn.Sequential(nn.Linear(32, 32), LlamaRMSNorm(32, eps=1e-5))
+        self.shared = self.a  # one module at two paths: one replacement at both
+        self.gated = Qwen3NextRMSNormGated(32)
+        self.torch_norm = nn.RMSNorm(32, eps=1e-5)
+        self.torch_2d = nn.RMSNorm([4, 8])
+        self.ln = nn.LayerNorm(32)
+
+
+def test_summary_is_the_count_and_says_what_was_done(capsys):
+    net = _Net()
+    result = replace_rmsnorm(net, verbose=True)
+    assert result == 3 and isinstance(result, int) and result + 1 == 4 and f"{result}" == "3"
+    assert net.shared is net.a and isinstance(net.a, TritonRMSNorm)
+    assert isinstance(net.ln, nn.LayerNorm) and isinstance(net.gated, nn.Module)
+    assert [s.path for s in result.swapped] == ["a", "b.1", "torch_norm"]
+    assert {a.path: a.original for a in result.left_alone} == {
+        "gated": "Qwen3NextRMSNormGated",
+        "torch_2d": "RMSNorm",
+    }
+    assert net.torch_norm.casting == "fp32" and net.b[1].casting == "llama"
+    printed = capsys.readouterr().out
+    assert printed.strip() == result.report()
+    assert "swapped 3 modules" in printed and "2 x LlamaRMSNorm" in printed
+    assert "Qwen3NextRMSNormGated" in printed and "last 2 dimensions" in printed
+    assert replace_rmsnorm(net) == 0
+
+
+def test_patched_or_hooked_instances_are_left_alone():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hooked, patched = LlamaRMSNorm(16), LlamaRMSNorm(16)
+    hooked.register_forward_hook(lambda m, i, o: o)
+    patched.forward = lambda x: x
+    net = nn.ModuleDict({"hooked": hooked, "patched": patched})
+    result = replace_rmsnorm(net)
+    assert result == 0 and net["hooked"] is hooked and net["patched"] is patched
+    assert {a.reason for a in result.left_alone} == {
+        "its forward is patched or hooked on this instance"
+    }
