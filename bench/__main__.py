@@ -1,14 +1,16 @@
 """Command line: ``python -m bench [--dtype bf16] [--shapes 2048x4096,...] [--ops ...]``.
 
 On a CUDA machine it times every implementation at the project's shapes and writes the
-results to ``bench/results``. Without a GPU it says so, times the CPU paths at small
-shapes (results to ``bench/results-cpu``, never over the committed GPU results) and exits 0.
+results to ``bench/results/<card>/`` (e.g. ``bench/results/h200/``), so a run on one card
+never overwrites another card's results. Without a GPU it says so once, times the CPU paths
+at small shapes (results to ``bench/results-cpu``, never into ``bench/results``) and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,22 @@ GPU_OUT = HERE / "results"
 CPU_OUT = HERE / "results-cpu"
 
 
+def card_slug(device_name: str) -> str:
+    """A folder name for a GPU: ``"NVIDIA H200"`` -> ``"h200"``, vendor prefix dropped."""
+    name = re.sub(r"^\s*nvidia\s+", "", device_name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def _impls_default_help() -> str:
+    cpu_skipped = [i.name for i in impls_mod.REGISTRY if not i.cpu_default]
+    cuda_only = [i.name for i in impls_mod.REGISTRY if i.needs_cuda]
+    return (
+        f"comma-separated subset of {','.join(impls_mod.BY_NAME)} (default: every installed "
+        f"one; on a CPU {', '.join(cpu_skipped)} runs only when named here (slow to compile) "
+        f"and {', '.join(cuda_only)} needs CUDA)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -37,17 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated MxN (rows x hidden), e.g. 2048x4096,256x4096; "
         f"default on GPU: {','.join(GPU_SHAPES)}; on CPU: {','.join(CPU_SHAPES)}",
     )
-    p.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    p.add_argument(
+        "--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)} (default: all three)"
+    )
     p.add_argument(
         "--impls",
         default=None,
-        help=f"comma-separated subset of {','.join(impls_mod.BY_NAME)} (default: all)",
+        help=_impls_default_help(),
     )
     p.add_argument(
         "--out",
         default=None,
         type=Path,
-        help="output folder (default: bench/results on GPU, bench/results-cpu on CPU)",
+        help="output folder (default: bench/results/<card>/ on a GPU, e.g. bench/results/h200; "
+        "bench/results-cpu on a CPU)",
     )
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke runs)")
     p.add_argument(
@@ -70,27 +91,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from bench import report, runner
+
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
-        print(
-            "No CUDA GPU found: the kernels need CUDA. Timing the CPU paths instead "
-            "(plain torch / jnp, small shapes, CPU wall-clock); these are not kernel numbers.",
-            flush=True,
-        )
+        print(runner.NO_GPU_NOTE, flush=True)  # once, before the run; not again in the report
     try:
         shapes = parse_shapes(shapes_arg or (GPU_SHAPES if on_gpu else CPU_SHAPES))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or (GPU_OUT if on_gpu else CPU_OUT)
-    if not on_gpu and out.resolve() == GPU_OUT:
+    if args.out is None:
+        out = GPU_OUT / card_slug(torch.cuda.get_device_name(0)) if on_gpu else CPU_OUT
+    else:
+        out = args.out
+    if not on_gpu and out.resolve().is_relative_to(GPU_OUT):
         print(
-            f"error: {out} holds the committed GPU results; a CPU run writes elsewhere (--out DIR)",
+            f"error: {out} is under {GPU_OUT.relative_to(HERE.parent)}, which holds the "
+            "committed GPU results; a CPU run writes elsewhere (--out DIR)",
             file=sys.stderr,
         )
         return 2
-
-    from bench import report, runner
 
     cfg = runner.Config(
         shapes=shapes,
@@ -102,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     results = runner.run(cfg)
-    print(report.text_report(results), flush=True)
+    print(report.text_report(results, omit_notes=(runner.NO_GPU_NOTE,)), flush=True)
     paths = report.write_all(results, out)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -302,7 +302,26 @@ def render_markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _modes(results: dict) -> list[str]:
+HOST_TITLE = "Host overhead (CPU us per call at 1x4096)"
+FIRST_CALL_TITLE = "First call, s (compilation / JIT included), median over shapes"
+SHARE = (
+    "(%) = the framework's own same-bytes copy time / op time "
+    "(torch columns against copy (torch), JAX columns against copy (jax))"
+)
+# On a CPU the two copies are timed through different dispatch paths (JAX's copy is a
+# jitted call, tens of us even for a few KB), so a torch % and a JAX % measure different things.
+CPU_SHARE = (
+    "on a CPU the two copies differ (JAX's includes a jitted call's dispatch), "
+    "so compare % within one framework only"
+)
+NO_PEAK_ON_CPU = (
+    "n/a: torch measures a call's peak memory only on CUDA (torch.cuda.max_memory_allocated); "
+    "a CPU has no such counter"
+)
+
+
+def modes(results: dict) -> list[str]:
+    """Timing modes of a run: cold and warm on CUDA, one wall-clock time ("warm") on a CPU."""
     on_gpu = results["device"]["kind"] == "cuda"
     return ["cold", "warm"] if on_gpu else ["warm"]
 
@@ -315,7 +334,20 @@ def _mode_title(results: dict, mode: str) -> str:
     ]
 
 
-def _header_lines(results: dict) -> list[str]:
+def time_caption(results: dict, mode: str) -> str:
+    """What a time table's cells are: the timing mode and what its (%) is a share of."""
+    caption = f"{_mode_title(results, mode)}; {SHARE}"
+    return caption if results["device"]["kind"] == "cuda" else f"{caption}; {CPU_SHARE}"
+
+
+def memory_caption(results: dict) -> str:
+    """What the peak-memory table's cells are, and why torch's are n/a off CUDA."""
+    caption = "peak memory of forward+backward, MiB above the inputs"
+    return caption if results["device"]["kind"] == "cuda" else f"{caption}; {NO_PEAK_ON_CPU}"
+
+
+def header_lines(results: dict) -> list[str]:
+    """The run's header: device, dtype, date, versions, the reference copy, the run's notes."""
     dev, v = results["device"], results["versions"]
     bw = results["copy_bandwidth"]
     lines = [
@@ -359,28 +391,27 @@ def _kernel_lines(results: dict) -> list[str]:
     ]
 
 
-def text_report(results: dict) -> str:
-    """The stdout report: per op, time tables (cold and warm) and speed-ups."""
-    out = _header_lines(results)
+def text_report(results: dict, omit_notes: tuple[str, ...] = ()) -> str:
+    """The stdout report: per op, time tables (cold and warm) and speed-ups.
+
+    ``omit_notes``: notes of the run already printed (e.g. at its start), left out here.
+    """
+    out = [line for line in header_lines(results) if line not in omit_notes]
     for op in results["ops"]:
         title = results["op_titles"][op]
-        for mode in _modes(results):
-            out += [
-                "",
-                f"== {op}: {title} -- {_mode_title(results, mode)}; "
-                "(%) = same-bytes copy time / op time",
-            ]
+        for mode in modes(results):
+            out += ["", f"== {op}: {title} -- {time_caption(results, mode)}"]
             out.append(render_text(*time_table(results, op, mode)))
-        mode = _modes(results)[0]
+        mode = modes(results)[0]
         out += ["", f"== {op}: speed-up ({mode}) vs torch eager / vs best peer of the framework"]
         out.append(render_text(*speedup_table(results, op, mode)))
     if "fwdbwd" in results["ops"]:
-        out += ["", "== peak memory of forward+backward, MiB above the inputs"]
+        out += ["", f"== {memory_caption(results)}"]
         out.append(render_text(*memory_table(results)))
     if results["host_overhead"]:
         out += ["", "== host overhead: CPU us per call at 1x4096 (eager torch / jitted JAX)"]
         out.append(render_text(*host_table(results)))
-    out += ["", "== first call, s (compilation / JIT included), median over shapes"]
+    out += ["", f"== {FIRST_CALL_TITLE.lower()}"]
     out.append(render_text(*first_call_table(results)))
     missing = _missing_lines(results)
     if missing:
@@ -390,13 +421,13 @@ def text_report(results: dict) -> str:
 
 def markdown_report(results: dict) -> str:
     """The markdown results file: every table of the text report plus GB/s tables."""
-    out = ["# RMSNorm benchmark results", ""] + [f"- {line}" for line in _header_lines(results)]
+    out = ["# RMSNorm benchmark results", ""] + [f"- {line}" for line in header_lines(results)]
     out += ["", "Timing:", ""] + [f"- {k}: {v}" for k, v in results["timing"].items() if v]
     for op in results["ops"]:
         title = results["op_titles"][op]
         out += ["", f"## {op}: {title}"]
-        for mode in _modes(results):
-            out += ["", f"{_mode_title(results, mode)}; (%) = same-bytes copy time / op time", ""]
+        for mode in modes(results):
+            out += ["", time_caption(results, mode), ""]
             out.append(render_markdown(*time_table(results, op, mode)))
             out += ["", f"GB/s ({mode}); (%) = share of the reference copy bandwidth", ""]
             out.append(render_markdown(*gbps_table(results, op, mode)))
@@ -404,11 +435,13 @@ def markdown_report(results: dict) -> str:
             out.append(render_markdown(*speedup_table(results, op, mode)))
     if "fwdbwd" in results["ops"]:
         out += ["", "## Peak memory of forward+backward (MiB above the inputs)", ""]
+        if results["device"]["kind"] != "cuda":
+            out += [NO_PEAK_ON_CPU, ""]
         out.append(render_markdown(*memory_table(results)))
     if results["host_overhead"]:
-        out += ["", "## Host overhead (CPU us per call at 1x4096)", ""]
+        out += ["", f"## {HOST_TITLE}", ""]
         out.append(render_markdown(*host_table(results)))
-    out += ["", "## First call, s (compilation / JIT included), median over shapes", ""]
+    out += ["", f"## {FIRST_CALL_TITLE}", ""]
     out.append(render_markdown(*first_call_table(results)))
     kernels = _kernel_lines(results)
     if kernels:
@@ -422,57 +455,96 @@ def markdown_report(results: dict) -> str:
 # -------------------------------------------------------------------------------- files
 
 
-def plot(results: dict, path: Path) -> None:
-    """PNG: one panel per op, % of the same-bytes copy per implementation across shapes."""
+def plot_series(results: dict, op: str, mode: str) -> dict[str, list]:
+    """The plot's bars for one op and mode: per framework, ours and its best peer, per shape.
+
+    Returns ``{label: [(share or None, peer label or None) per shape]}``, labels in the order
+    "accel_torch", "best torch peer", "accel_jax", "best jax peer" (those that ran). The
+    best peer is, per shape, the fastest implementation of the same framework that is not
+    this project's; share is the same-bytes copy's time over the op's time.
+    """
+    out: dict[str, list] = {}
+    for fw in _frameworks(results):
+        ours = [d for d in results["impls"] if d["framework"] == fw and d["project"]]
+        peers = [d for d in results["impls"] if d["framework"] == fw and not d["project"]]
+        mine, best_peer = [], []
+        for shape in results["shapes"]:
+            recs = [_cell(results, shape, op, d["name"]) for d in ours]
+            rec = next((r for r in recs if r and r["status"] == "ok"), None)
+            mine.append((rec[f"{mode}_copy_share"] if rec else None, None))
+            timed = [
+                r
+                for d in peers
+                if (r := _cell(results, shape, op, d["name"]))
+                and r["status"] == "ok"
+                and r[f"{mode}_us"] is not None
+            ]
+            fastest = min(timed, key=lambda r: r[f"{mode}_us"], default=None)
+            best_peer.append(
+                (fastest[f"{mode}_copy_share"], fastest["label"]) if fastest else (None, None)
+            )
+        if ours and any(v is not None for v, _ in mine):
+            out[ours[0]["label"]] = mine
+        if any(v is not None for v, _ in best_peer):
+            out[f"best {fw} peer"] = best_peer
+    return out
+
+
+def figure(results: dict):
+    """The results figure: a row of panels per op, a panel per timing mode, bars per shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops, shapes, cols = results["ops"], results["shapes"], _columns(results)
-    modes = _modes(results)
-    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.5), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    names = [d["name"] for d in results["impls"]]
-    for ax, op in zip(axes[0], ops, strict=False):
-        for c in cols:
-            color = colors(names.index(c["name"]) % 10)
-            for mode, style in zip(modes, ("-", "--"), strict=False):
-                pts = [
-                    (i, r[f"{mode}_copy_share"])
-                    for i, s in enumerate(shapes)
-                    if (r := _cell(results, s, op, c["name"]))
-                    and r["status"] == "ok"
-                    and r[f"{mode}_copy_share"] is not None
-                ]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts, strict=False)
-                ax.plot(
-                    xs,
-                    [100 * y for y in ys],
-                    style,
-                    marker="o",
-                    color=color,
-                    linewidth=2.2 if c["project"] else 1.2,
-                    label=c["label"] if mode == modes[0] else None,
-                )
-        ax.axhline(100, color="gray", linewidth=0.8, linestyle=":")
-        ax.set_xticks(range(len(shapes)))
-        ax.set_xticklabels(shapes, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{op}: {results['op_titles'][op]}", fontsize=10)
-        ax.set_ylabel("% of same-bytes copy bandwidth")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    how = (
-        "solid: cold (L2 flushed), dashed: warm (L2-resident)"
-        if len(modes) == 2
-        else "CPU wall-clock, not kernel numbers"
+    ops, shapes, mode_list = results["ops"], results["shapes"], modes(results)
+    fig, axes = plt.subplots(
+        len(ops),
+        len(mode_list),
+        figsize=(max(6.0, 0.8 * len(shapes) + 2) * len(mode_list), 3.6 * len(ops)),
+        squeeze=False,
     )
-    fig.suptitle(f"RMSNorm, {results['dtype']}, {results['device']['name']} -- {how}", fontsize=10)
+    colors = {"torch": ("#d62728", "#f4a3a3"), "jax": ("#1f77b4", "#a6c8e6")}
+    for row, op in zip(axes, ops, strict=True):
+        for ax, mode in zip(row, mode_list, strict=True):
+            series = plot_series(results, op, mode)
+            width = 0.8 / max(1, len(series))
+            for k, (label, values) in enumerate(series.items()):
+                fw = "jax" if "jax" in label else "torch"
+                color = colors[fw][0 if label.startswith("accel") else 1]
+                xs = [i - 0.4 + (k + 0.5) * width for i in range(len(shapes))]
+                ys = [100 * v if v is not None else 0.0 for v, _ in values]
+                ax.bar(xs, ys, width, color=color, label=label)
+                for x, y, (_, peer) in zip(xs, ys, values, strict=True):
+                    if peer and y > 0:  # name the peer that was fastest at this shape
+                        ax.text(x, 2, peer, rotation=90, ha="center", va="bottom", fontsize=6)
+            ax.axhline(100, color="black", linewidth=1.0, linestyle="--", label="same-bytes copy")
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel("shape (rows x hidden)")
+            ax.set_ylabel(f"% of same-bytes copy ({mode})")
+            ax.set_title(
+                f"{op}: {results['op_titles'][op]} ({_mode_title(results, mode)})", fontsize=9
+            )
+            ax.set_ylim(bottom=0)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left", bbox_to_anchor=(1.02, 0.0))
+    note = "" if results["device"]["kind"] == "cuda" else " (CPU wall-clock, not kernel numbers)"
+    fig.suptitle(
+        f"RMSNorm, {results['dtype']}, {results['device']['name']}{note}: each framework's "
+        "kernels and its fastest peer, as % of that framework's same-bytes copy",
+        fontsize=10,
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    """Write :func:`figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

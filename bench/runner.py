@@ -27,6 +27,10 @@ from bench.shapes import (
     parse_shape,
 )
 
+NO_GPU_NOTE = (
+    "No CUDA GPU: the kernels need CUDA. Times are CPU wall-clock of the plain CPU paths "
+    "(plain torch / jnp) at small shapes, not kernel numbers."
+)
 CPU_BIG_COPY_BYTES = 64 << 20  # the CPU stand-in for the 1 GiB copy
 MIN_FLUSH_BYTES = 128 << 20  # JAX cold runs: smallest L2-flush buffer
 
@@ -270,10 +274,7 @@ def run(cfg: Config) -> dict:
     chosen = impls_mod.select(cfg.impls)
     notes: list[str] = []
     if not on_gpu:
-        notes.append(
-            "No CUDA GPU: the kernels need CUDA. Times are CPU wall-clock of the "
-            "plain CPU paths at small shapes, not kernel numbers."
-        )
+        notes.append(NO_GPU_NOTE)
         notes += _cpu_fallback_paths()
         # Intra-op threads waiting on each other made CPU timings erratic on busy machines.
         torch.set_num_threads(1)
