@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import report
+from bench import impls, report
+from bench.__main__ import build_parser, card_slug
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,8 @@ def test_cpu_run_says_so_writes_results_and_exits_0(tmp_path):
     assert "kernels need CUDA" in proc.stdout
     assert "[1/2] 4x64" in proc.stderr and "[2/2] 2x128" in proc.stderr  # progress lines
     assert "CPU wall-clock" in proc.stdout and "missing: liger" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("No CUDA GPU") == 1  # said once, at the start
+    assert "a CPU has no such counter" in proc.stdout  # why torch's peak memory is n/a
 
     data = json.loads((out / "rmsnorm_fp32.json").read_text())
     assert report.validate(data) == []
@@ -68,6 +71,40 @@ def test_cpu_run_never_writes_the_committed_gpu_results():
     assert proc.returncode == 2 and "committed GPU results" in proc.stderr
     after = sorted(p.name for p in results.iterdir()) if results.exists() else None
     assert before == after
+
+
+def test_cpu_run_never_writes_into_a_card_folder():
+    card = ROOT / "bench" / "results" / "h200"
+    before = sorted(p.name for p in card.iterdir())
+    proc = run_bench("--quick", "--shapes", "2x8", "--out", str(card))
+    assert proc.returncode == 2 and "committed GPU results" in proc.stderr
+    assert sorted(p.name for p in card.iterdir()) == before
+
+
+def test_card_slug():
+    assert card_slug("NVIDIA H200") == "h200"
+    assert card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert card_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
+
+
+def test_committed_results_sit_in_their_cards_folders():
+    found = sorted((ROOT / "bench" / "results").glob("*/rmsnorm_*.json"))
+    assert found
+    for path in found:
+        device = json.loads(path.read_text())["device"]
+        assert device["kind"] == "cuda"
+        assert path.parent.name == card_slug(device["name"]), path
+
+
+def test_help_states_the_defaults_that_apply():
+    text = " ".join(build_parser().format_help().split())
+    skipped = [i.name for i in impls.REGISTRY if not i.cpu_default]
+    cuda_only = [i.name for i in impls.REGISTRY if i.needs_cuda]
+    assert skipped and cuda_only
+    for name in skipped + cuda_only:
+        assert f"{name} runs only when named" in text or f"{name} needs CUDA" in text
+    assert "default: all)" not in text
+    assert "bench/results/<card>/ on a GPU" in text and "bench/results-cpu on a CPU" in text
 
 
 def test_bad_arguments_exit_2():

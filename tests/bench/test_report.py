@@ -93,3 +93,49 @@ def test_write_all(results, tmp_path):
     assert paths["markdown"].read_text().startswith("# RMSNorm benchmark results")
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_captions_say_whose_copy_each_share_is_of(results):
+    text, md = report.text_report(results), report.markdown_report(results)
+    on_cpu = results["device"]["kind"] != "cuda"
+    for out in (text, md):
+        assert "the framework's own same-bytes copy time / op time" in out
+        assert "torch columns against copy (torch), JAX columns against copy (jax)" in out
+        # On a CPU the two copies are timed through different paths: said in every caption.
+        assert (report.CPU_SHARE in out) == on_cpu
+        assert (report.NO_PEAK_ON_CPU in out) == on_cpu
+
+
+def test_text_report_leaves_out_notes_already_printed():
+    res = synthetic_results("cpu")
+    assert "a note" in report.text_report(res)
+    assert "a note" not in report.text_report(res, omit_notes=("a note",))
+
+
+def test_plot_series_is_ours_and_the_fastest_peer_of_each_framework():
+    res = synthetic_results()
+    series = report.plot_series(res, "fwd", "cold")
+    assert list(series) == ["accel_torch", "best torch peer", "accel_jax", "best jax peer"]
+    copy_us = 16.7  # the fakes' torch and JAX copies at 2048x4096 fwd, cold
+    # torch peers: eager 60, F.rms_norm 30, compile 40 (liger missing): F.rms_norm is fastest
+    assert series["best torch peer"][0] == (pytest.approx(copy_us / 30.0), "F.rms_norm")
+    assert series["accel_torch"][0] == (pytest.approx(copy_us / 20.0), None)
+    # JAX peers: xla 25, flax 28
+    assert series["best jax peer"][0] == (pytest.approx(copy_us / 25.0), "xla")
+    assert len(series["accel_jax"]) == len(res["shapes"])
+
+
+def test_figure_shapes_are_categories_with_an_x_label(results):
+    import matplotlib.pyplot as plt
+
+    fig = report.figure(results)
+    try:
+        axes = fig.axes
+        assert len(axes) == len(results["ops"]) * len(report.modes(results))
+        for ax in axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == results["shapes"]
+            assert ax.get_xlabel() == "shape (rows x hidden)"
+            assert len(ax.containers) == 4  # bars: ours and best peer, per framework
+            assert any(list(line.get_ydata()) == [100, 100] for line in ax.get_lines())
+    finally:
+        plt.close(fig)
