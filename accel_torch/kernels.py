@@ -348,7 +348,8 @@ def dweight_reduce_kernel(
     for g0 in range(0, G, BLOCK_G):
         rows = g0 + tl.arange(0, BLOCK_G)
         mask = (rows[:, None] < G) & col_mask[None, :]
-        acc += tl.load(DW_PARTIAL + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # G * N may pass 2^31
+        acc += tl.load(DW_PARTIAL + offsets, mask=mask, other=0.0)
     tl.store(DW + cols, _round(tl.sum(acc, axis=0), DW.dtype.element_ty, SOFT_BF16), mask=col_mask)
 
 

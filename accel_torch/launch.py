@@ -5,15 +5,25 @@ everything here is safe under CUDA-graph capture and under torch.compile's opaqu
 """
 
 import torch
-import triton
 
 from . import _config
-from .kernels import (
-    bwd_launch,
-    dweight_reduce_kernel,
-    fwd_launch,
-    rmsnorm_bwd_kernel,
-    rmsnorm_fwd_kernel,
+
+try:
+    import triton
+except ImportError:  # CPU-only torch, macOS: the ops use the reference math instead
+    triton = None
+else:
+    from .kernels import (
+        bwd_launch,
+        dweight_reduce_kernel,
+        fwd_launch,
+        rmsnorm_bwd_kernel,
+        rmsnorm_fwd_kernel,
+    )
+
+NO_TRITON = (
+    "accel_torch's kernels need Triton, which is not installed: install it (pip install "
+    "triton, Linux) or move the tensors to the CPU, where the reference math runs"
 )
 
 _EMPTY = (0,)
@@ -24,6 +34,19 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
     """(M, N) view of t with a contiguous last dim; copies only if no such view exists."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D tensor (weight, rstd) the kernels index as t[i]: any other stride (a strided
+    view, an expanded one of stride 0) is copied to a contiguous tensor first."""
+    if t is None or t.stride(0) == 1 or t.shape[0] <= 1:
+        return t
+    return t.contiguous()
+
+
+def _check_triton(x: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError(f"{NO_TRITON} (got a tensor on {x.device})")
 
 
 def _row_stride(t2: torch.Tensor) -> int:
@@ -56,6 +79,7 @@ def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
     h = round(h_dtype, x + residual) is normalized and returned.
     Returns y (x.shape, x.dtype), h (x.shape, h_dtype) or None, rstd (x.shape[:-1], fp32).
     """
+    _check_triton(x)
     y, h, rstd = empty_fwd_outputs(x, h_dtype if residual is not None else None)
     n = x.shape[-1]
     x2 = rows_view(x)
@@ -66,6 +90,7 @@ def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
         r2, h2 = rows_view(residual), h.view(m, n)
     else:
         r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
+    weight = _dense(weight)
     block_n, rows, looped, num_warps, early_weight = fwd_launch(m, n)
     rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
         x2, r2, weight if weight is not None else x2, y.view(m, n), h2, rstd.view(m),
@@ -92,6 +117,7 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
     when dres_dtype is given, else None; dweight ((N,), weight.dtype) when weight is given,
     else None.
     """
+    _check_triton(x)
     dx, dres, dweight = empty_bwd_outputs(dy, x, weight, dres_dtype)
     n = x.shape[-1]
     x2, dy2 = rows_view(x), rows_view(dy)
@@ -99,12 +125,13 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
     if m == 0:
         return dx, dres, dweight.zero_() if dweight is not None else None
     dh2 = rows_view(dh) if dh is not None else dy2
+    weight, rstd = _dense(weight), _dense(rstd.reshape(m))
     block_n, chunks, programs, num_warps, prefetch = bwd_launch(m, n, x.device)
     # The looped kernel accumulates into its row of partial, so it must start at zero.
     looped = chunks == 0
     partial = (x.new_zeros if looped else x.new_empty)((programs, n), dtype=torch.float32)
     rmsnorm_bwd_kernel[(programs,)](
-        dy2, x2, weight if weight is not None else x2, rstd.view(m), dh2, dx.view(m, n),
+        dy2, x2, weight if weight is not None else x2, rstd, dh2, dx.view(m, n),
         dres.view(m, n) if dres_dtype is not None else dy2, partial,
         _row_stride(dy2), _row_stride(x2), _row_stride(dh2), n, n,
         m, n, weight_offset,

@@ -7,22 +7,55 @@ import torch
 from torch import nn
 
 from .ops import rmsnorm, rmsnorm_residual_fused
-from .validation import check_casting, check_eps
+from .validation import check_casting, check_eps, check_flag
+
+_MACHINE_EPS = {}  # dtype -> torch.finfo(dtype).eps: eps=None, looked up once per dtype
+
+
+def _machine_eps(dtype: torch.dtype) -> float:
+    eps = _MACHINE_EPS.get(dtype)
+    if eps is None:
+        eps = _MACHINE_EPS[dtype] = torch.finfo(dtype).eps
+    return eps
+
+
+def _hidden_size(normalized_shape, hidden_size) -> int:
+    if (normalized_shape is None) == (hidden_size is None):
+        raise TypeError(
+            "TritonRMSNorm takes normalized_shape (or its alias hidden_size): exactly one, "
+            f"got normalized_shape={normalized_shape!r}, hidden_size={hidden_size!r}"
+        )
+    size = normalized_shape if hidden_size is None else hidden_size
+    if isinstance(size, (tuple, list, torch.Size)):
+        if len(size) != 1:
+            raise ValueError(
+                "normalized_shape (hidden_size): only the last dimension can be normalized, "
+                f"got {tuple(size)}"
+            )
+        size = size[0]
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"normalized_shape (hidden_size) must be a positive int, got {size!r}")
+    return int(size)
 
 
 class TritonRMSNorm(nn.Module):
     """RMSNorm over the last dimension, with an optional fused residual add.
 
-    A drop-in for ``torch.nn.RMSNorm`` and Hugging Face ``LlamaRMSNorm``: the parameter is
-    ``weight`` of shape (hidden_size,), so their state_dicts load as they are.
+    A drop-in for ``torch.nn.RMSNorm`` (the same constructor, with the same meanings) and
+    for Hugging Face ``LlamaRMSNorm``: the parameter is ``weight`` of shape (N,), so their
+    state_dicts load as they are.
 
     Args:
-        hidden_size: N, the size of the normalized last dimension (an int, or a 1-tuple).
-        eps: added to the mean square (None means 1e-6, the Llama default).
+        normalized_shape: N, the size of the normalized last dimension (an int, or a
+            1-tuple). ``hidden_size=`` is accepted as a keyword alias.
+        eps: added to the mean square; None (the default, as in torch.nn.RMSNorm) means
+            ``torch.finfo(x.dtype).eps`` of each input.
         elementwise_affine: learn a weight (initialized to ones, or zeros when
             ``weight_offset`` is 1.0 as in Gemma, where the scale is ``1 + weight``).
-        weight_offset: added to the weight in fp32.
-        casting: "fp32" or "llama" (see :func:`accel_torch.rmsnorm`).
+        device, dtype: of the weight.
+        weight_offset: (keyword-only) added to the weight in fp32.
+        casting: (keyword-only) "fp32" or "llama" (see :func:`accel_torch.rmsnorm`).
+        residual_dtype: (keyword-only) dtype of h in the fused forward (default x's dtype).
 
     ``forward(x, residual=None)``: x (..., N) -> y of x's dtype; with a residual of x's shape,
     ``(y, h)`` where ``h = x + residual`` (the new residual stream, in residual_dtype or x's
@@ -31,31 +64,25 @@ class TritonRMSNorm(nn.Module):
 
     def __init__(
         self,
-        hidden_size,
-        eps=1e-6,
-        *,
+        normalized_shape=None,
+        eps=None,
         elementwise_affine=True,
+        device=None,
+        dtype=None,
+        *,
+        hidden_size=None,
         weight_offset=0.0,
         casting="fp32",
         residual_dtype=None,
-        device=None,
-        dtype=None,
     ):
         super().__init__()
-        if isinstance(hidden_size, (tuple, list, torch.Size)):
-            if len(hidden_size) != 1:
-                raise ValueError(
-                    f"hidden_size: only the last dimension can be normalized, got {hidden_size}"
-                )
-            hidden_size = hidden_size[0]
-        if not isinstance(hidden_size, numbers.Integral) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        self.hidden_size = int(hidden_size)
-        self.eps = check_eps(1e-6 if eps is None else eps)
+        self.hidden_size = _hidden_size(normalized_shape, hidden_size)
+        self.normalized_shape = (self.hidden_size,)
+        self.eps = None if eps is None else check_eps(eps)
         self.weight_offset = float(weight_offset)
         self.casting = check_casting(casting)
         self.residual_dtype = residual_dtype
-        self.elementwise_affine = elementwise_affine
+        self.elementwise_affine = check_flag("elementwise_affine", elementwise_affine)
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.hidden_size, device=device, dtype=dtype))
         else:
@@ -69,15 +96,27 @@ class TritonRMSNorm(nn.Module):
             nn.init.constant_(self.weight, 1.0 - self.weight_offset)
 
     def forward(self, x, residual=None):
+        eps = self.eps
+        if eps is None:
+            eps = _machine_eps(x.dtype) if isinstance(x, torch.Tensor) else 0.0
+        if (
+            self.weight is None
+            and isinstance(x, torch.Tensor)
+            and x.shape[-1:] != (self.hidden_size,)
+        ):
+            raise ValueError(
+                f"x's last dimension must be normalized_shape={self.normalized_shape}, "
+                f"got x.shape={tuple(x.shape)}"
+            )
         if residual is None:
             return rmsnorm(
-                x, self.weight, self.eps, weight_offset=self.weight_offset, casting=self.casting
+                x, self.weight, eps, weight_offset=self.weight_offset, casting=self.casting
             )
         return rmsnorm_residual_fused(
             x,
             residual,
             self.weight,
-            self.eps,
+            eps,
             weight_offset=self.weight_offset,
             casting=self.casting,
             return_residual=True,
@@ -86,7 +125,8 @@ class TritonRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.hidden_size}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, "
             f"weight_offset={self.weight_offset}, casting={self.casting!r}"
         )
 

@@ -1,16 +1,24 @@
 """Argument checks shared by the functional API and the module: clear errors, never wrong."""
 
 import math
+import numbers
 
 import torch
 
 CASTINGS = ("fp32", "llama")
 
 
+def _real(name: str, value) -> float:
+    """value as a float: Python and NumPy reals (not bools), as torch's own ops take them."""
+    if type(value) is float:  # the common case, first
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = _real("eps", eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return eps
@@ -20,6 +28,13 @@ def check_casting(casting) -> str:
     if casting not in CASTINGS:
         raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
     return casting
+
+
+def check_flag(name: str, value) -> bool:
+    """value must be a bool (a string such as "no" is truthy: never guess)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_float_tensor(name: str, t) -> None:
@@ -48,9 +63,7 @@ def check_rmsnorm_args(x, weight, eps, weight_offset, casting):
             raise ValueError(
                 f"weight must be on x's device: weight on {weight.device}, x on {x.device}"
             )
-    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
-        raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
-    weight_offset = float(weight_offset)
+    weight_offset = _real("weight_offset", weight_offset)
     if not math.isfinite(weight_offset):
         raise ValueError(f"weight_offset must be finite, got {weight_offset}")
     if weight is None and weight_offset != 0.0:
