@@ -7,7 +7,8 @@ Public API (the same as accel_torch's):
 plus rmsnorm_reference / rmsnorm_residual_reference (plain jnp), the Flax modules
 accel_jax.linen.RMSNorm (alias PallasRMSNorm) and accel_jax.nnx.RMSNorm, and
 set_interpret(flag). ACCEL_INTERPRET=1 in the environment, read once at import, makes the
-kernels run in Pallas interpret mode (how they are tested on a CPU).
+kernels run in Pallas interpret mode (how they are tested on a CPU). float64 inputs (under
+jax_enable_x64) are computed in float64 by the reference math.
 """
 
 import os
@@ -19,6 +20,8 @@ from accel_jax.ops import (
     set_interpret,
 )
 from accel_jax.reference import rmsnorm_reference, rmsnorm_residual_reference
+
+__version__ = "0.2.0"
 
 set_interpret(
     os.environ.get("ACCEL_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
@@ -39,6 +42,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "__version__",
     "PallasRMSNorm",
     "get_interpret",
     "rmsnorm",

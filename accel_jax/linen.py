@@ -2,9 +2,10 @@
 
 Same fields, same parameter (``scale``, shape (N,), ``param_dtype``), same params tree and the
 same output dtype rule (``dtype`` if set, else the promotion of x and scale). Adds
-``weight_offset``, ``casting`` and ``residual_dtype``, and an optional residual:
-``__call__(x, residual=None)`` returns y, or (y, h) with
-``h = round(residual_dtype or x.dtype, x + residual)``.
+``weight_offset``, ``casting`` and ``residual_dtype``, and an optional keyword-only
+residual: ``__call__(x, *, residual=None, mask=None)`` returns y, or (y, h) with
+``h = round(residual_dtype or x.dtype, x + residual)``. ``mask`` (flax's: elements left
+out of the statistics) is refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def check_flax_options(module, x, mask) -> None:
             "reduces in float32"
         )
     if mask is not None:
-        raise ValueError("mask is not supported by accel_jax RMSNorm (every element counts)")
+        raise ValueError(
+            "mask is not supported by accel_jax RMSNorm (flax's mask leaves elements out of "
+            "the statistics; here every element counts). A residual to add is passed by "
+            "keyword: norm(x, residual=r)"
+        )
 
 
 def check_extra_options(module) -> None:
@@ -60,7 +65,8 @@ class RMSNorm(nn.RMSNorm):
     """flax.linen.RMSNorm on the accel_jax kernels (fields: those of flax's RMSNorm, plus
     ``weight_offset`` (scale + offset is applied; 1.0 for Gemma) and ``casting``).
 
-    x: (..., N) float16/bfloat16/float32. residual: None or x's shape.
+    x: (..., N) float16/bfloat16/float32 (float64 under jax_enable_x64). residual
+    (keyword-only): None or x's shape.
     Returns y (..., N) in ``dtype`` or promote(x.dtype, param_dtype); with a residual, (y, h).
     """
 
@@ -69,7 +75,7 @@ class RMSNorm(nn.RMSNorm):
     residual_dtype: Any = None  # dtype of h (the residual stream); default x's dtype
 
     @nn.compact
-    def __call__(self, x, residual=None, *, mask=None):
+    def __call__(self, x, *, residual=None, mask=None):
         check_flax_options(self, x, mask)
         check_extra_options(self)
         scale = None

@@ -1,5 +1,7 @@
 """accel_jax.linen.RMSNorm / accel_jax.nnx.RMSNorm against flax's own, same params."""
 
+import inspect
+
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -107,7 +109,7 @@ def test_linen_without_scale_and_with_residual():
 
     mod = alinen.RMSNorm(param_dtype=jnp.float32)
     params = _random_scale(mod.init(jax.random.key(0), x))
-    y, h = mod.apply(params, x, r)
+    y, h = mod.apply(params, x, residual=r)
     assert y.dtype == jnp.float32 and h.dtype == jnp.bfloat16
     h_ref = (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
@@ -209,7 +211,7 @@ def test_nnx_residual_no_scale_and_errors():
     mod = annx.RMSNorm(96, use_scale=False, rngs=nnx.Rngs(0))
     assert mod.scale is None
     _flax_bound_check(mod(x), nnx.RMSNorm(96, use_scale=False, rngs=nnx.Rngs(0))(x))
-    y, h = mod(x, r)
+    y, h = mod(x, residual=r)
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.bfloat16
     y2 = accel_jax.rmsnorm_residual_fused(x, r)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
@@ -234,13 +236,46 @@ def test_modules_keep_an_fp32_residual_stream():
     np.testing.assert_array_equal(np.asarray(h_fn), np.asarray(h_ref))
 
     lin = alinen.RMSNorm(use_scale=False, residual_dtype=jnp.float32)
-    y, h = lin.apply({}, x, r)
+    y, h = lin.apply({}, x, residual=r)
     assert h.dtype == jnp.float32 and y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
 
     mod = annx.RMSNorm(SHAPE[-1], use_scale=False, residual_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    y, h = mod(x, r)
+    y, h = mod(x, residual=r)
     assert h.dtype == jnp.float32 and y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+
+
+def test_residual_is_keyword_only_and_a_positional_second_argument_means_mask():
+    """flax's second argument is mask (positional in nnx, keyword in linen): never a residual."""
+    x = rand(12, SHAPE, jnp.float32)
+    r = rand(13, SHAPE, jnp.float32)
+    mod = annx.RMSNorm(SHAPE[-1], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mask is not supported"):
+        mod(x, r)  # flax: mod(x, mask)
+    with pytest.raises(ValueError, match="mask is not supported"):
+        mod(x, jnp.ones(SHAPE, bool))
+    y, h = mod(x, residual=r)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(accel_jax.rmsnorm_residual_fused(x, r)))
+    lin = alinen.RMSNorm(use_scale=False)
+    with pytest.raises(TypeError):
+        lin.apply({}, x, r)
+    with pytest.raises(ValueError, match="mask is not supported"):
+        lin.apply({}, x, mask=jnp.ones(SHAPE, bool))
+    y, h = lin.apply({}, x, residual=r)
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(x + r))
+
+
+def test_nnx_signature_shows_flaxs_arguments():
+    ours = inspect.signature(annx.RMSNorm.__init__).parameters
+    theirs = inspect.signature(nnx.RMSNorm.__init__).parameters
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert ours[name].kind == p.kind and ours[name].default is p.default, name
+    for name in ("weight_offset", "casting", "residual_dtype"):
+        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY
+    call = inspect.signature(annx.RMSNorm.__call__).parameters
+    assert list(call)[:3] == ["self", "x", "mask"]
+    assert call["residual"].kind == inspect.Parameter.KEYWORD_ONLY
