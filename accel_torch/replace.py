@@ -13,9 +13,11 @@ import ast
 import copy
 import functools
 import inspect
+import math
 import textwrap
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from .modules import TritonRMSNorm
@@ -246,7 +248,7 @@ def _decide(test, module):
             and isinstance(node.value, ast.Name)
             and node.value.id == "self"
         ):
-            v = getattr(module, node.attr, None)
+            v = getattr(module, node.attr, LookupError)
             if isinstance(v, _PLAIN):
                 return v
         raise LookupError
@@ -389,6 +391,9 @@ class RMSNormReplacement(int):
         self.swapped, self.left_alone = tuple(swapped), tuple(left_alone)
         return self
 
+    def __reduce__(self):  # copy and pickle: int's would call __new__ with the count
+        return (type(self), (self.swapped, self.left_alone))
+
     def report(self) -> str:
         lines = [f"replace_rmsnorm: swapped {len(self.swapped)} modules"]
         lines += _grouped(self.swapped)
@@ -418,8 +423,11 @@ def _replacement(module):
         shape = tuple(module.normalized_shape)
         if len(shape) != 1:
             return None, f"normalizes over the last {len(shape)} dimensions"
+        # torch's eps=None is the eps of its fp32 arithmetic (for 16- and 32-bit inputs), not
+        # finfo(x.dtype).eps as its documentation says: 1.2e-7 in bf16, not 0.0078.
+        eps = torch.finfo(torch.float32).eps if module.eps is None else module.eps
         affine = module.weight is not None
-        new = TritonRMSNorm(shape[0], module.eps, elementwise_affine=affine)
+        new = TritonRMSNorm(shape[0], eps, elementwise_affine=affine)
         return _with_weight(new, module.weight), "torch.nn.RMSNorm, casting='fp32'"
     if next(module.children(), None) is not None:
         return None, None  # a norm has no submodules; a block holding one is searched instead
@@ -429,8 +437,8 @@ def _replacement(module):
     if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
         return None, "its forward is patched or hooked on this instance"
     eps = getattr(module, formula.eps_attr, None)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        return None, f"its eps ({formula.eps_attr}={eps!r}) is not a number >= 0"
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        return None, f"its eps ({formula.eps_attr}={eps!r}) is not a finite number >= 0"
     if not formula.weighted:
         return UnweightedRMSNorm(eps), f"{formula.name} formula, no weight"
     weight = getattr(module, "weight", None)
@@ -498,8 +506,11 @@ def replace_rmsnorm(model: nn.Module, verbose: bool = False) -> RMSNormReplaceme
         ``.swapped``, ``.left_alone`` and ``.report()``.
     """
     swapped, left_alone, done = [], [], {}
-    if _replacement(model)[1] is not None:
-        left_alone.append(LeftAlone("", type(model).__name__, "the model itself is not swapped"))
+    new, why = _replacement(model)
+    if new is not None:
+        why = "the model itself (replace_rmsnorm swaps submodules; wrap it in one)"
+    if why is not None:
+        left_alone.append(LeftAlone("", type(model).__name__, why))
     _swap_children(model, "", done, swapped, left_alone)
     result = RMSNormReplacement(swapped, left_alone)
     if verbose:

@@ -3,6 +3,7 @@ swapped with numerics that reproduce it, or left alone for a stated reason; tiny
 each family give the same logits, bit for bit, before and after the swap (CPU, bf16: the
 swapped modules run accel_torch's fallback math, the kernels' numerics in torch ops)."""
 
+import copy
 import glob
 import importlib
 import inspect
@@ -361,7 +362,19 @@ def test_summary_is_the_count_and_says_what_was_done(capsys):
     assert printed.strip() == result.report()
     assert "swapped 3 modules" in printed and "2 x LlamaRMSNorm" in printed
     assert "Qwen3NextRMSNormGated" in printed and "last 2 dimensions" in printed
+    copied = copy.deepcopy(result)
+    assert copied == 3 and copied.swapped == result.swapped
     assert replace_rmsnorm(net) == 0
+
+
+def test_the_model_itself_is_reported_not_swapped():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(8)
+    result = replace_rmsnorm(norm)
+    assert result == 0 and [a.reason.split(" (")[0] for a in result.left_alone] == [
+        "the model itself"
+    ]
 
 
 def test_patched_or_hooked_instances_are_left_alone():
@@ -376,3 +389,20 @@ def test_patched_or_hooked_instances_are_left_alone():
     assert {a.reason for a in result.left_alone} == {
         "its forward is patched or hooked on this instance"
     }
+
+
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_torch_rmsnorm_swapped_with_its_eps(eps, torch_fallback):
+    """nn.RMSNorm's eps=None is, in torch's arithmetic, finfo(float32).eps also for bf16
+    inputs (not finfo(bf16).eps = 0.0078). Power-of-two weights: torch's (x * rstd) * w and
+    fp32 casting's x * (rstd * w) agree."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.RMSNorm(64, eps=eps)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[1].weight.copy_(2.0 ** torch.randint(-1, 3, (64,)))
+    x = torch.randn(8, 64, dtype=torch.bfloat16) * 0.05  # small: eps matters
+    with torch.no_grad():
+        before = model(x)
+        assert replace_rmsnorm(model) == 1
+        assert model[1].eps == (torch.finfo(torch.float32).eps if eps is None else eps)
+        assert torch.equal(model(x), before)
