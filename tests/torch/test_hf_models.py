@@ -391,6 +391,16 @@ def test_patched_or_hooked_instances_are_left_alone():
     }
 
 
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), -1.0, None])
+def test_norms_with_an_unusable_eps_are_left_alone(eps):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    net = nn.Sequential(LlamaRMSNorm(16, eps=eps))
+    result = replace_rmsnorm(net)
+    assert result == 0 and isinstance(net[0], LlamaRMSNorm)
+    assert "is not a finite number >= 0" in result.left_alone[0].reason
+
+
 @pytest.mark.parametrize("eps", [None, 1e-5])
 def test_torch_rmsnorm_swapped_with_its_eps(eps, torch_fallback):
     """nn.RMSNorm's eps=None is, in torch's arithmetic, finfo(float32).eps also for bf16
