@@ -6,10 +6,13 @@ Each test launches one group (tests/torch/distributed_launch.py) that runs many 
 ``-m distributed`` selects them.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from .distributed_launch import backend, run_on_ranks
+from .distributed_launch import REPO, backend, run_on_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -34,3 +37,21 @@ def test_four_ranks_2d_mesh_ops_and_fsdp_tensor_parallel_block():
     """The per-op checks with pairs of placements on a 2 x 2 mesh; the block under FSDP2
     ("dp") and TP + SP ("tp")."""
     _run(4, ["ops:check_ops_2d", "block:check_fsdp_tp_block"], timeout=300)
+
+
+_IMPORT_ORDER = """
+import sys
+import accel_torch
+assert "torch.distributed.tensor" not in sys.modules, "import accel_torch loaded DTensor"
+from torch.distributed.tensor import DTensor
+strategies = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs
+import torch
+for name in ("rmsnorm_fwd", "rmsnorm_residual_fwd", "rmsnorm_bwd"):
+    assert getattr(torch.ops.accel_torch, name).default in strategies, name
+"""
+
+
+def test_rules_register_when_dtensor_is_imported_later():
+    """import accel_torch leaves DTensor unloaded (it costs most of a second) and the rules
+    are in place as soon as something imports it."""
+    subprocess.run([sys.executable, "-c", _IMPORT_ORDER], check=True, timeout=120, cwd=REPO)
