@@ -181,10 +181,32 @@ def _check_block(mesh, tp_mesh, dp_rank, dp_size, fsdp):
         assert grad.placements == want, f"d{name} placed {grad.placements}, nn.RMSNorm {want}"
 
 
+def _check_fused_under_sequence_parallel(mesh):
+    """SequenceParallel prepares a module's first positional input only: the fused call
+    passes the residual stream by keyword, as a DTensor placed like x (docs/distributed.md)."""
+    state, x, _target = _state(mesh.device_type)
+    norm = TritonRMSNorm(DIM, eps=EPS).to(mesh.device_type)
+    norm.weight.data.copy_(state["attention_norm.weight"])
+    parallelize_module(norm, mesh, SequenceParallel())
+    r = x.flip(0)
+    part = x.chunk(mesh.size(), dim=1)[mesh.get_local_rank()]
+    residual = DTensor.from_local(
+        r.chunk(mesh.size(), dim=1)[mesh.get_local_rank()], mesh, [Shard(1)]
+    )
+    y, h = norm(part, residual=residual)
+    assert y.placements == h.placements == (Shard(1),), (y.placements, h.placements)
+    h64 = x.cpu().double() + r.cpu().double()
+    w64 = state["attention_norm.weight"].double()
+    y64 = h64 * torch.rsqrt(h64.square().mean(-1, keepdim=True) + EPS) * w64
+    _assert_close("fused under SequenceParallel: h", h, h64)
+    _assert_close("fused under SequenceParallel: y", y, y64)
+
+
 def check_tp_block(device: str) -> None:
-    """TP + SP over all ranks (1-D mesh)."""
+    """TP + SP over all ranks (1-D mesh); the fused norm under SequenceParallel."""
     mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("tp",))
     _check_block(mesh, mesh, 0, 1, fsdp=False)
+    _check_fused_under_sequence_parallel(mesh)
 
 
 def check_fsdp_tp_block(device: str) -> None:
