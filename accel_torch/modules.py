@@ -7,15 +7,18 @@ import torch
 from torch import nn
 
 from .ops import rmsnorm, rmsnorm_residual_fused
+from .reference import compute_dtype
 from .validation import check_casting, check_eps, check_flag
 
-_MACHINE_EPS = {}  # dtype -> torch.finfo(dtype).eps: eps=None, looked up once per dtype
+_MACHINE_EPS = {}  # x's dtype -> the eps that eps=None means, looked up once per dtype
 
 
 def _machine_eps(dtype: torch.dtype) -> float:
+    """torch.nn.RMSNorm's eps=None: the machine epsilon of the dtype torch computes in
+    (fp32 for 16-bit inputs, so torch.finfo(x.dtype).eps for fp32 and float64 inputs)."""
     eps = _MACHINE_EPS.get(dtype)
     if eps is None:
-        eps = _MACHINE_EPS[dtype] = torch.finfo(dtype).eps
+        eps = _MACHINE_EPS[dtype] = torch.finfo(compute_dtype(dtype)).eps
     return eps
 
 
@@ -48,8 +51,10 @@ class TritonRMSNorm(nn.Module):
     Args:
         normalized_shape: N, the size of the normalized last dimension (an int, or a
             1-tuple). ``hidden_size=`` is accepted as a keyword alias.
-        eps: added to the mean square; None (the default, as in torch.nn.RMSNorm) means
-            ``torch.finfo(x.dtype).eps`` of each input.
+        eps: added to the mean square; None (the default) means what it means in
+            torch.nn.RMSNorm: the machine epsilon of the dtype the norm computes in, for
+            each input (``torch.finfo(x.dtype).eps`` for fp32 and float64 inputs, fp32's
+            for 16-bit ones).
         elementwise_affine: learn a weight (initialized to ones, or zeros when
             ``weight_offset`` is 1.0 as in Gemma, where the scale is ``1 + weight``).
         device, dtype: of the weight.

@@ -44,6 +44,14 @@ def _x(*shape, dtype=torch.float32):
         (lambda: TritonRMSNorm(8, casting="x"), ValueError, ["casting"]),
         (lambda: TritonRMSNorm(8, elementwise_affine=False, weight_offset=1.0), ValueError, ["weight_offset"]),
         (lambda: TritonRMSNorm(8)(_x(2, 4)), ValueError, ["weight", "(4,)"]),
+        (lambda: TritonRMSNorm(8, elementwise_affine=False)(_x(2, 4)), ValueError, ["normalized_shape", "(2, 4)"]),
+        (lambda: TritonRMSNorm(8, elementwise_affine="yes"), TypeError, ["elementwise_affine"]),
+        (lambda: TritonRMSNorm(), TypeError, ["normalized_shape"]),
+        (lambda: TritonRMSNorm(8, hidden_size=8), TypeError, ["normalized_shape", "hidden_size"]),
+        (lambda: accel_torch.rmsnorm_residual_fused(_x(2, 8), _x(2, 8), return_residual="no"), TypeError, ["return_residual", "str"]),
+        (lambda: accel_torch.rmsnorm_residual_fused(_x(2, 8), _x(2, 8), return_residual=1), TypeError, ["return_residual"]),
+        (lambda: accel_torch.rmsnorm_residual_torch(_x(2, 8), _x(2, 8), return_residual="no"), TypeError, ["return_residual"]),
+        (lambda: accel_torch.rmsnorm(_x(2, 8), eps=torch.tensor(1e-6)), TypeError, ["eps"]),
     ],
 )  # fmt: skip
 def test_bad_input_raises_naming_the_argument(call, exc, words):

@@ -1,5 +1,7 @@
 """TritonRMSNorm as a drop-in for torch.nn.RMSNorm and Hugging Face RMSNorms; replace_rmsnorm."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,50 @@ def _randomize(module, seed=0):
     with torch.no_grad():
         module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
     return module
+
+
+def test_constructor_is_torch_rmsnorms():
+    """Every parameter of nn.RMSNorm, in its order, with its default (normalized_shape's
+    is None, as hidden_size= may name it instead); the rest keyword-only."""
+    theirs = list(inspect.signature(nn.RMSNorm.__init__).parameters.values())
+    ours = list(inspect.signature(TritonRMSNorm.__init__).parameters.values())
+    assert [(p.name, p.kind) for p in ours[: len(theirs)]] == [(p.name, p.kind) for p in theirs]
+    defaults = [p.default for p in theirs if p.name != "normalized_shape"]
+    assert [p.default for p in ours[: len(theirs)] if p.name != "normalized_shape"] == defaults
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs) :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_eps_is_the_inputs_machine_epsilon_as_in_torch(dtype):
+    """eps=None: the machine epsilon torch.nn.RMSNorm uses, that of the dtype it computes
+    in (fp32 for bf16), chosen per call. Inputs near 1e-4 make it visible."""
+    ref = _randomize(nn.RMSNorm(64)).to(dtype)
+    mine = TritonRMSNorm(64, dtype=dtype)
+    mine.load_state_dict(ref.state_dict())
+    x = (1e-4 * torch.randn(5, 64)).to(dtype)
+    eps = torch.finfo(torch.float32).eps
+    assert_within_ulp(mine(x), rmsnorm64(x, ref.weight, eps))
+    with torch.no_grad():
+        assert_within_ulp(mine(x), ref(x).double())
+    x64 = 1e-7 * torch.randn(3, 64, dtype=torch.float64)  # float64: float64's epsilon
+    want = rmsnorm64(x64, mine.weight, torch.finfo(torch.float64).eps)
+    torch.testing.assert_close(mine(x64), want, rtol=1e-14, atol=0)
+
+
+def test_constructor_spellings():
+    positional = TritonRMSNorm(16, 1e-5, False, "cpu", torch.bfloat16)
+    assert positional.weight is None and positional.eps == 1e-5
+    keywords = TritonRMSNorm(
+        normalized_shape=(16,), eps=None, elementwise_affine=True, device="cpu", dtype=torch.float16
+    )
+    assert keywords.weight.dtype == torch.float16 and keywords.normalized_shape == (16,)
+    assert keywords.eps is None
+    old = TritonRMSNorm(hidden_size=4096, eps=1e-6)
+    assert old.hidden_size == 4096 and old.eps == 1e-6 and old.weight.shape == (4096,)
+    ref = nn.RMSNorm([16])
+    assert list(TritonRMSNorm([16]).state_dict()) == list(ref.state_dict()) == ["weight"]
+    assert list(LlamaRMSNorm(16).state_dict()) == ["weight"]
+    assert repr(TritonRMSNorm(16)).startswith("TritonRMSNorm((16,), eps=None")
 
 
 def test_loads_torch_rmsnorm_state_dict_and_matches():
