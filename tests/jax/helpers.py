@@ -9,6 +9,10 @@ Bounds (the contract's):
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -180,3 +184,14 @@ def _ordinal(a64: np.ndarray, dtype) -> np.ndarray:
     """Position of each value among the representable values of a 16-bit dtype."""
     bits = np.asarray(a64).astype(np.dtype(jnp.dtype(dtype))).view(np.int16).astype(np.int64)
     return np.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def run_python(script: str, **env) -> None:
+    """Run a script in a fresh Python (for settings that must precede JAX's start) with this
+    checkout importable; it must exit 0 and print OK last."""
+    env = dict(os.environ, **env)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK"), out.stdout[-1000:]

@@ -158,3 +158,38 @@ def test_flax_modules_on_gpu():
         - np.asarray(y_flax).view(np.int16).astype(np.int64)
     )
     assert steps.max() <= 1
+
+
+@pytest.mark.parametrize("n", [4096, 32768], ids=["single-block", "looped"])
+def test_more_than_2_pow_31_elements(n):
+    """2^31 + 32768 bf16 elements (64-bit offsets inside the kernels), forward and backward:
+    the first, middle and last rows against float64. x and dy repeat a few random rows
+    (period K), so dweight's float64 reference is K rows weighted by their counts."""
+    m = (2**31 + 32768) // n
+    k = 7
+    base_x = rand(20, (k, n), jnp.bfloat16)
+    base_dy = rand(21, (k, n), jnp.bfloat16)
+    w = rand(22, (n,), jnp.float32, scale=0.2, shift=1.0)
+
+    def tile(base):
+        return jnp.tile(base, (_cdiv(m, k), 1))[:m]
+
+    x, dy = jax.jit(tile)(base_x), jax.jit(tile)(base_dy)
+    assert x.size > 2**31
+    y, vjp = jax.vjp(lambda x, w: accel_jax.rmsnorm(x, w), x, w)
+    dx, dw = jax.jit(vjp)(dy)
+    rows = np.array([0, 1, m // 2, m - 2, m - 1])
+    ref_y = fwd64(base_x[rows % k], None, w)[0]
+    assert_output_close(y[rows], ref_y)
+    ref_dx, _, cx, _ = bwd64(base_dy[rows % k], f64(base_x[rows % k]), w)
+    assert_grad_close(dx[rows], ref_dx, cx, what="dx")
+    counts = np.bincount(np.arange(m) % k, minlength=k).astype(np.float64)
+    xs, dys = f64(base_x), f64(base_dy)
+    xhat = xs / np.sqrt(np.mean(xs * xs, axis=-1, keepdims=True) + 1e-6)
+    ref_dw = np.sum(counts[:, None] * dys * xhat, axis=0)
+    dw_cond = np.max(np.sum(counts[:, None] * np.abs(dys * xhat), axis=0))
+    assert_grad_close(dw, ref_dw, dw_cond, per_row=False, what="dweight")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

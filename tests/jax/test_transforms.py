@@ -13,7 +13,15 @@ import pytest
 
 import accel_jax
 from accel_jax import ops
-from tests.jax.helpers import assert_grad_close, assert_output_close, bwd64, f64, fwd64, rand
+from tests.jax.helpers import (
+    assert_grad_close,
+    assert_output_close,
+    bwd64,
+    f64,
+    fwd64,
+    rand,
+    run_python,
+)
 
 N = 96
 
@@ -264,15 +272,7 @@ SHARDING_SCRIPT = textwrap.dedent(
 def test_sharded_inputs_under_jit():
     """NamedSharding'd inputs on 4 virtual CPU devices (own process: XLA_FLAGS must be set
     before JAX starts) give the unsharded results, forward and gradients."""
-    env = dict(os.environ)
-    env.setdefault("ACCEL_INTERPRET", "1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("OK")
+    run_python(SHARDING_SCRIPT, ACCEL_INTERPRET=os.environ.get("ACCEL_INTERPRET", "1"))
 
 
 def test_float64_style_reference_of_the_scan_helpers():
@@ -338,3 +338,15 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch, shape):
     for f, args, kernels_expected in ((train, (x, r, w), 4 if looped else 3), (plain, (x,), 2)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == kernels_expected, f
+
+
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu" or not _jaxlib_lowers_without_compiling(),
+    reason="CPU-only check of the Triton lowering (GPU runs compile for real)",
+)
+def test_kernels_lower_to_triton_under_x64(monkeypatch):
+    """jax_enable_x64 makes Python ints and loop indices int64: the kernels still lower
+    (every block index is int32)."""
+    with jax.enable_x64(True):
+        test_kernels_lower_to_triton_for_cuda(monkeypatch, (5, 1000))
+        test_kernels_lower_to_triton_for_cuda(monkeypatch, (7, 20000))
