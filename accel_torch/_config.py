@@ -5,7 +5,15 @@ import os
 import sys
 import warnings
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+def _has_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRITON = _has_triton()
 
 _interpret = os.environ.get("ACCEL_INTERPRET", "0") == "1"
 if _interpret and not HAS_TRITON:
