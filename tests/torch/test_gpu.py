@@ -134,3 +134,32 @@ def test_cuda_graph_capture_and_replay():
     ref = torch.autograd.grad(rmsnorm64(h64, w64), [h64, w64], dy.double())
     assert_grad_close(dx, ref[0], REL, dx_scale(h, w, dy))
     assert_grad_close(dw, ref[1], REL)
+
+
+def test_more_than_two_to_the_31_elements():
+    """2^31 + 32768 bf16 elements: offsets past int32 in every kernel (forward, fused,
+    backward, the dweight reduction). dy is zero except on the checked rows, so dx must be
+    exactly zero elsewhere (an unwritten or misplaced row shows) and dweight is theirs."""
+    n = 4096
+    m = 2**31 // n + 8
+    rows = [0, m // 2, m - 1]
+    x = torch.empty(m, n, device="cuda", dtype=torch.bfloat16).normal_(0, 2)
+    w = (1 + 0.3 * torch.randn(n, device="cuda")).to(torch.bfloat16)
+    xg, wg = x.requires_grad_(True), w.clone().requires_grad_(True)
+    y = accel_torch.rmsnorm(xg, wg)
+    assert_within_ulp(y[rows], rmsnorm64(x[rows].detach(), w))
+    dy = torch.zeros_like(y)
+    dy[rows] = torch.randn(len(rows), n, device="cuda").to(torch.bfloat16)
+    dx, dw = torch.autograd.grad(y, [xg, wg], dy)
+    del y
+    x64, w64 = leaf64(x[rows]), leaf64(w)
+    ref = torch.autograd.grad(rmsnorm64(x64, w64), [x64, w64], dy[rows].double())
+    assert_grad_close(dx[rows], ref[0], REL, dx_scale(x[rows], w, dy[rows]))
+    assert torch.count_nonzero(dx) == torch.count_nonzero(dx[rows])
+    assert_grad_close(dw, ref[1], REL)
+    del dx, dy
+    x = x.detach()
+    r = torch.empty_like(x).normal_()
+    y, h = accel_torch.rmsnorm_residual_fused(x, r, w, return_residual=True)
+    assert torch.equal(h[rows], (x[rows].double() + r[rows].double()).to(torch.bfloat16))
+    assert_within_ulp(y[rows], rmsnorm64(h[rows], w))
