@@ -113,7 +113,7 @@ def _check_rmsnorm(fn, mesh, placements, t, path):
     assert_grad_close(xd.grad.full_tensor(), dx64, REL, dx_scale(t["x"], t["w"], t["dy"]))
     assert_grad_close(wd.grad.full_tensor(), dw64, REL)
     rows_only = all(_is_row_shard(p, ndim) or p.is_replicate() for p in placements)
-    if path == "kernels":
+    if path != "reference":
         expected = _kernel_placements(placements, ndim)
         _check_placements("y", y, expected, where)
         _check_placements("dx", xd.grad, expected, where)
@@ -148,7 +148,7 @@ def _check_fused(fn, mesh, placements, t, path):
     assert_grad_close(xd.grad.full_tensor(), dx64, REL, scale)
     assert_grad_close(rd.grad.full_tensor(), dr64, REL, scale)
     assert_grad_close(wd.grad.full_tensor(), dw64, REL)
-    if path == "kernels":
+    if path != "reference":
         expected = _kernel_placements(placements, ndim)
         for name, out in (("y", y), ("h", h), ("dx", xd.grad), ("dresidual", rd.grad)):
             _check_placements(name, out, expected, where)
@@ -230,15 +230,30 @@ def _check_compiled(mesh, placements, t):
     )
 
 
+def _check_path(path, mesh, placements, t):
+    if path == "reference":
+        _check_rmsnorm(accel_torch.rmsnorm_torch, mesh, placements, t, path)
+        _check_fused(accel_torch.rmsnorm_residual_torch, mesh, placements, t, path)
+    else:
+        _check_rmsnorm(accel_torch.rmsnorm, mesh, placements, t, path)
+        _check_fused(accel_torch.rmsnorm_residual_fused, mesh, placements, t, path)
+
+
 def _check_all(mesh, placement_sets, t, compiled):
-    paths = {
-        "reference": (accel_torch.rmsnorm_torch, accel_torch.rmsnorm_residual_torch),
-        "kernels": (accel_torch.rmsnorm, accel_torch.rmsnorm_residual_fused),
-    }
+    """Paths: "ops", the public functions, whose DTensor inputs take the custom ops and
+    their rules, on the kernels (CUDA, or interpreted on the CPU); "ops, kernels off", the
+    same with the CPU interpreter off (the ops run the reference math inside); "reference",
+    rmsnorm_torch: torch ops on DTensors."""
+    interpreted = accel_torch.interpret_enabled()
     for placements in placement_sets:
-        for path, (rmsnorm, fused) in paths.items():
-            _check_rmsnorm(rmsnorm, mesh, placements, t, path)
-            _check_fused(fused, mesh, placements, t, path)
+        _check_path("ops", mesh, placements, t)
+        _check_path("reference", mesh, placements, t)
+        if interpreted:
+            accel_torch.set_interpret(False)
+            try:
+                _check_path("ops, kernels off", mesh, placements, t)
+            finally:
+                accel_torch.set_interpret(True)
         _check_bwd_op(mesh, placements, t)
         if placements in compiled:
             _check_compiled(mesh, placements, t)
