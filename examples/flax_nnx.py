@@ -11,14 +11,12 @@ for testing and far slower).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from curves import parse_args, report
 from flax import nnx
 
 import accel_jax.nnx
@@ -78,53 +76,33 @@ def train_step(model, optimizer, ids):
     return loss
 
 
-def train(model, data) -> tuple[list, list]:
-    """AdamW steps of next-token loss; returns (loss per step, seconds per step)."""
-    optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
-    losses, seconds = [], []
+def train(models: list, data: list[jax.Array]) -> list:
+    """AdamW steps of next-token loss, the models in turn on each batch (so that neither
+    pays the warm-up alone); returns, per model, (loss per step, seconds per step)."""
+    optimizers = [nnx.Optimizer(m, optax.adamw(3e-3), wrt=nnx.Param) for m in models]
+    curves = [([], []) for _ in models]
     for ids in data:
-        t0 = time.perf_counter()
-        loss = float(train_step(model, optimizer, ids))  # float() waits for the device
-        seconds.append(time.perf_counter() - t0)
-        losses.append(loss)
-    return losses, seconds
+        for model, optimizer, (losses, seconds) in zip(models, optimizers, curves, strict=True):
+            t0 = time.perf_counter()
+            loss = float(train_step(model, optimizer, ids))  # float() waits for the device
+            seconds.append(time.perf_counter() - t0)
+            losses.append(loss)
+    return curves
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--json", default=None, help="also write the two curves to this file")
-    args = p.parse_args(argv)
-
+    args = parse_args(__doc__, argv)
     flax_model = TinyLM(nnx.RMSNorm, nnx.Rngs(0))
     ours = TinyLM(accel_jax.nnx.RMSNorm, nnx.Rngs(0))
     nnx.update(ours, nnx.state(flax_model))  # the same initial weights
     data = batches(args.steps, args.batch, args.seq + 1)
-    flax_loss, flax_s = train(flax_model, data)
-    our_loss, our_s = train(ours, data)
+    (flax_loss, flax_s), (our_loss, our_s) = train([flax_model, ours], data)
 
     device = jax.default_backend()
     path = "Pallas kernels" if device == "gpu" else "plain-jnp path (no GPU)"
     print(f"tiny nnx transformer on {device}, accel_jax: {path}")
-    print(f"{'step':>4}  {'flax.nnx.RMSNorm':>16}  {'accel_jax':>9}  {'difference':>10}")
-    for i, (a, b) in enumerate(zip(flax_loss, our_loss, strict=True)):
-        print(f"{i:>4}  {a:>16.6f}  {b:>9.6f}  {b - a:>10.2e}")
-    # The first step compiles: the median of the others is the step time.
-    flax_ms, our_ms = (1e3 * statistics.median(s[1:] or s) for s in (flax_s, our_s))
-    print(f"time per step: flax {flax_ms:.1f} ms, accel_jax {our_ms:.1f} ms")
-    result = {
-        "device": device,
-        "reference": flax_loss,
-        "accel": our_loss,
-        "reference_ms": flax_ms,
-        "accel_ms": our_ms,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f)
-    return result
+    names = ("flax.nnx.RMSNorm", "accel_jax")
+    return report(names, (flax_loss, our_loss), (flax_s, our_s), args.json, device=device)
 
 
 if __name__ == "__main__":
