@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+F64 = jnp.dtype(jnp.float64)
+# float64 is computed by the reference math (in float64); the kernels take the other three.
+SUPPORTED_DTYPES = (
+    jnp.dtype(jnp.float16),
+    jnp.dtype(jnp.bfloat16),
+    jnp.dtype(jnp.float32),
+    F64,
+)
 CASTINGS = ("fp32", "llama")
 
 
@@ -18,31 +25,77 @@ def _names(dtypes) -> str:
 
 
 def as_array(name: str, value):
-    """value as a jax array (numpy arrays and lists are converted), else TypeError."""
+    """value as a jax array, else TypeError.
+
+    numpy arrays of any strides or byte order (views, broadcasts, big-endian data) are
+    copied into a contiguous native array; lists, scalars and objects with ``__jax_array__``
+    (Flax ``Param``) are converted the way jnp does.
+    """
     if isinstance(value, jax.Array):
         return value
-    if isinstance(value, (np.ndarray, np.generic, list, tuple, numbers.Number)):
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = np.asarray(value)
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        return jnp.asarray(value)
+    if isinstance(value, (list, tuple, numbers.Number)) or hasattr(value, "__jax_array__"):
         return jnp.asarray(value)
     raise TypeError(f"{name} must be an array, got {type(value).__name__}")
 
 
+def x64_enabled() -> bool:
+    """Whether float64 arrays exist now (jax_enable_x64, globally or in a context)."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64)) == F64
+
+
 def check_float_dtype(name: str, dtype) -> jnp.dtype:
-    """dtype must be float16, bfloat16 or float32; returns it as a jnp.dtype."""
+    """dtype must be float16, bfloat16, float32 or (with jax_enable_x64) float64; returns it
+    as a jnp.dtype."""
     dtype = jnp.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype ({_names(SUPPORTED_DTYPES)}), got {dtype}"
         )
+    if dtype == F64 and not x64_enabled():
+        raise TypeError(
+            f"{name}=float64 needs jax_enable_x64 (without it JAX has no float64 arrays): "
+            "jax.config.update('jax_enable_x64', True), or use float32"
+        )
     return dtype
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool flag (Python or numpy bool); anything else is a TypeError, never truthiness."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def _static_scalar(name: str, value, what: str):
+    """A static real scalar (Python, numpy, or a concrete 0-d jax array) as a float."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static {what} (it fixes the compiled kernel), got a traced "
+            "value: pass a Python float, not a jit argument"
+        )
+    ok = isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array))
+    if isinstance(value, (bool, np.bool_)) or not ok:
+        raise TypeError(
+            f"{name} must be a Python float (a static value), got {type(value).__name__}"
+        )
+    if isinstance(value, (np.ndarray, jax.Array)):
+        if value.shape != ():
+            raise TypeError(f"{name} must be a scalar, got an array of shape {value.shape}")
+        if not (
+            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ):
+            raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")
+    return float(value)
 
 
 def check_eps(eps) -> float:
     """eps must be a static, finite, non-negative real number; returns it as a float."""
-    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, np.ndarray, np.generic)):
-        raise TypeError(f"eps must be a Python float (a static value), got {type(eps).__name__}")
-    if isinstance(eps, np.ndarray) and eps.shape != ():
-        raise TypeError(f"eps must be a scalar, got an array of shape {eps.shape}")
-    value = float(eps)
+    value = _static_scalar("eps", eps, "float")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"eps must be finite and >= 0, got {value}")
     return value
@@ -57,9 +110,7 @@ def check_casting(casting) -> bool:
 
 def check_weight_offset(weight_offset, weight) -> float:
     """weight_offset must be finite, and 0 when there is no weight."""
-    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (numbers.Real, np.generic)):
-        raise TypeError(f"weight_offset must be a Python float, got {type(weight_offset).__name__}")
-    value = float(weight_offset)
+    value = _static_scalar("weight_offset", weight_offset, "float")
     if not math.isfinite(value):
         raise ValueError(f"weight_offset must be finite, got {value}")
     if weight is None and value != 0.0:

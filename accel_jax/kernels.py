@@ -27,8 +27,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+try:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+except ImportError as e:  # a JAX without the Pallas Triton backend: ops falls back
+    pl = pltriton = None
+    UNAVAILABLE = f"{type(e).__name__}: {e}"
+else:
+    UNAVAILABLE = None
 
 F32 = jnp.float32
 
@@ -73,16 +80,31 @@ def _warps(elems: int) -> int:
     return 2 if elems >= 256 else 1
 
 
+def _varying_like(out_shape, inputs):
+    """out_shape's structs marked varying over the inputs' manual mesh axes (inside
+    shard_map, where check_vma needs them); unchanged elsewhere."""
+    varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in inputs))
+    if not varying:
+        return out_shape
+    mat = jax.sharding.ManualAxisType(varying=varying)
+    mark = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat)  # noqa: E731
+    return [mark(s) for s in out_shape] if isinstance(out_shape, list) else mark(out_shape)
+
+
 def _pallas(kernel, name: str, out_shape, grid, num_warps: int, num_stages=None, *, interpret):
     """pl.pallas_call of one kernel on the Triton backend (compiler parameters built here)."""
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=name,
-    )
+
+    def call(*inputs):
+        return pl.pallas_call(
+            kernel,
+            out_shape=_varying_like(out_shape, inputs),
+            grid=grid,
+            compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+            name=name,
+        )(*inputs)
+
+    return call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +165,7 @@ def _store(ref, value, mask):
 
 def _row_ids(r0, rows: int, m: int, always_full: bool):
     """Row indices of a block and their mask (None when every row is in range)."""
-    ids = r0 + jnp.arange(rows)
+    ids = r0 + jnp.arange(rows, dtype=jnp.int32)
     return None if always_full else ids < m
 
 
@@ -151,11 +173,17 @@ def _col_mask(c0, cols: int, n: int):
     """Column mask of a chunk starting at c0 (None when the chunk can never run past n)."""
     if n % cols == 0:
         return None
-    return (c0 + jnp.arange(cols)) < n
+    return (c0 + jnp.arange(cols, dtype=jnp.int32)) < n
+
+
+def _ds(start, size: int):
+    """pl.ds with an int32 start. Under jax_enable_x64 Python ints and loop indices are
+    int64, and one index mixing them with int32 program ids fails in interpret mode."""
+    return pl.ds(lax.convert_element_type(start, jnp.int32), size)
 
 
 def _weight_chunk(w_ref, c0, cols, col_mask, weight_offset):
-    w = _load(w_ref.at[pl.ds(c0, cols)], col_mask).astype(F32)
+    w = _load(w_ref.at[_ds(c0, cols)], col_mask).astype(F32)
     if weight_offset:
         w = w + weight_offset
     return w[None, :]
@@ -203,7 +231,7 @@ def _fwd_kernel(
     def load_input(c0, col_mask, write_h):
         """fp32 input chunk: x, or h = round(x + residual) (stored once when asked)."""
         mask = _mask(row_mask, col_mask)
-        idx = (pl.ds(r0, rows), pl.ds(c0, cols))
+        idx = (_ds(r0, rows), _ds(c0, cols))
         x = _load(x_ref.at[idx], mask).astype(F32)
         if not has_residual:
             return x
@@ -217,7 +245,7 @@ def _fwd_kernel(
 
     def write_y(c0, col_mask, x, rstd, w):
         y = _normalize(x, rstd, w, llama, round_dtype)
-        _store(y_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], y, _mask(row_mask, col_mask))
+        _store(y_ref.at[_ds(r0, rows), _ds(c0, cols)], y, _mask(row_mask, col_mask))
 
     if not launch.looped:
         col_mask = _col_mask(0, cols, n)
@@ -249,7 +277,7 @@ def _fwd_kernel(
             write_y(c0, col_mask, load_input(c0, col_mask, False), rstd, w)
 
     if store_rstd:
-        _store(rstd_ref.at[pl.ds(r0, rows)], rstd, row_mask)
+        _store(rstd_ref.at[_ds(r0, rows)], rstd, row_mask)
 
 
 def rmsnorm_fwd(
@@ -392,7 +420,7 @@ def _bwd_kernel(
     def block(r0, k, check_rows=not always_full):
         """Index, row mask and element mask of chunk k of the row block at r0."""
         row_mask = _row_ids(r0, rows, m, not check_rows)
-        return (pl.ds(r0, rows), pl.ds(starts[k], cols)), row_mask, _mask(row_mask, col_masks[k])
+        return (_ds(r0, rows), _ds(starts[k], cols)), row_mask, _mask(row_mask, col_masks[k])
 
     def load_x_dy(r0, k, check_rows=not always_full):
         idx, _, mask = block(r0, k, check_rows)
@@ -421,7 +449,7 @@ def _bwd_kernel(
         return dy * xhat
 
     def load_rstd(r0):
-        return _load(rstd_ref.at[pl.ds(r0, rows)], block(r0, 0)[1]).astype(F32)
+        return _load(rstd_ref.at[_ds(r0, rows)], block(r0, 0)[1]).astype(F32)
 
     def start(i):
         return (pid + i * programs) * rows
@@ -458,7 +486,7 @@ def _bwd_kernel(
     if store_dw:
         for k in range(chunks):
             _store(
-                dwp_ref.at[pl.ds(pid, 1), pl.ds(starts[k], cols)],
+                dwp_ref.at[_ds(pid, 1), _ds(starts[k], cols)],
                 jnp.sum(acc[k], axis=0)[None, :],
                 _mask(None, col_masks[k]),
             )
@@ -474,14 +502,14 @@ def _bwd_dx_looped_kernel(
 
     cols = launch.block_n
     r0 = pl.program_id(0)
-    rstd = _load(rstd_ref.at[pl.ds(r0, 1)], None).astype(F32)
+    rstd = _load(rstd_ref.at[_ds(r0, 1)], None).astype(F32)
     n_chunks = pl.cdiv(n, cols)
 
     def chunk(c):
         c0 = c * cols
         col_mask = _col_mask(c0, cols, n)
         mask = _mask(None, col_mask)
-        idx = (pl.ds(r0, 1), pl.ds(c0, cols))
+        idx = (_ds(r0, 1), _ds(c0, cols))
         xhat = _load(x_ref.at[idx], mask).astype(F32) * rstd[:, None]
         dy = _load(dy_ref.at[idx], mask).astype(F32)
         if has_weight:
@@ -520,15 +548,15 @@ def _bwd_dw_looped_kernel(dy_ref, x_ref, rstd_ref, dwp_ref, *, m, n, programs):
         r0 = (pid + i * programs) * rows
         row_mask = _row_ids(r0, rows, m, always_full)
         mask = _mask(row_mask, col_mask)
-        idx = (pl.ds(r0, rows), pl.ds(c0, cols))
+        idx = (_ds(r0, rows), _ds(c0, cols))
         x = _load(x_ref.at[idx], mask).astype(F32)
         dy = _load(dy_ref.at[idx], mask).astype(F32)
-        rstd = _load(rstd_ref.at[pl.ds(r0, rows)], row_mask).astype(F32)
+        rstd = _load(rstd_ref.at[_ds(r0, rows)], row_mask).astype(F32)
         return acc + dy * (x * rstd[:, None])
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), F32))
     _store(
-        dwp_ref.at[pl.ds(pid, 1), pl.ds(c0, cols)],
+        dwp_ref.at[_ds(pid, 1), _ds(c0, cols)],
         jnp.sum(acc, axis=0)[None, :],
         _mask(None, col_mask),
     )
@@ -543,10 +571,10 @@ def _dw_reduce_kernel(p_ref, dw_ref, *, g, n, block_g, block_n):
     def body(i, acc):
         r0 = i * block_g
         mask = _mask(_row_ids(r0, block_g, g, always_full), col_mask)
-        return acc + _load(p_ref.at[pl.ds(r0, block_g), pl.ds(c0, block_n)], mask)
+        return acc + _load(p_ref.at[_ds(r0, block_g), _ds(c0, block_n)], mask)
 
     acc = lax.fori_loop(0, pl.cdiv(g, block_g), body, jnp.zeros((block_g, block_n), F32))
-    _store(dw_ref.at[pl.ds(c0, block_n)], jnp.sum(acc, axis=0), col_mask)
+    _store(dw_ref.at[_ds(c0, block_n)], jnp.sum(acc, axis=0), col_mask)
 
 
 def rmsnorm_dweight_reduce(partial, out_dtype, *, interpret: bool):
@@ -640,6 +668,7 @@ def rmsnorm_bwd(
 
 
 __all__ = [
+    "UNAVAILABLE",
     "RowLaunch",
     "bwd_programs",
     "fwd_launch",

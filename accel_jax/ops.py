@@ -5,15 +5,23 @@ Dispatch, decided when a call is traced:
   run in Pallas interpret mode (any backend, CPU included);
 - x on a GPU (``jax.default_backend()`` under tracing): the compiled Pallas Triton kernels;
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
+The reference math also serves float64 (computed in float64), shapes with symbolic
+dimensions (``jax.export``: the kernels need static shapes) and a JAX without the Pallas
+Triton backend (with one warning).
 
 Every path goes through the same ``custom_vjp``: saved for backward are x (or h) and one fp32
-rstd per row; the backward is the kernels' formula (or its jnp twin on CPU).
+rstd per row; the backward is the kernels' formula (or its jnp twin on CPU). The forward
+and the backward inside it are ``custom_jvp`` functions whose derivatives are the reference
+math's, so higher-order reverse mode (grad of grad, ``jax.hessian``, jvp of grad) is exact on
+every path. Forward mode of the op itself (``jax.jvp``, ``jax.jacfwd``) is refused by JAX
+("can't apply forward-mode autodiff (jvp) to a custom_vjp function"): use ``jax.jacrev``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import warnings
 from typing import Any
@@ -21,10 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from accel_jax import checks, kernels
-from accel_jax.reference import reference_bwd, reference_fwd
+from accel_jax import checks, kernels, sharding
+from accel_jax.reference import compute_dtype, reference_bwd, reference_fwd
 
-_STATE = {"interpret": False}
+_STATE = {"interpret": False, "warned_no_kernels": False}
 
 # JAX >= 0.11 warns at every lowering of a Pallas Triton kernel. The warning is about JAX's
 # roadmap, not about anything our users can change, so exactly that message is ignored.
@@ -36,7 +44,7 @@ def set_interpret(flag: bool) -> None:
 
     Takes effect for calls traced afterwards (functions already jitted keep their choice).
     """
-    _STATE["interpret"] = bool(flag)
+    _STATE["interpret"] = checks.check_flag("flag", flag)
 
 
 def get_interpret() -> bool:
@@ -73,15 +81,34 @@ def _on_gpu(x) -> bool:
         return jax.default_backend() in gpu
 
 
-def _mode(x, interpret) -> str:
-    if interpret is None:
-        interpret = _STATE["interpret"]
+def _kernels_available() -> bool:
+    """False on a JAX without the Pallas Triton backend (warns the first time)."""
+    if kernels.UNAVAILABLE is None:
+        return True
+    if not _STATE["warned_no_kernels"]:
+        _STATE["warned_no_kernels"] = True
+        warnings.warn(
+            f"accel_jax: this JAX ({jax.__version__}) has no Pallas Triton backend "
+            f"({kernels.UNAVAILABLE}); RMSNorm runs on the plain-jnp reference math instead "
+            "(same numerics, without the kernels' speed)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return False
+
+
+def _mode(x, interpret, wide: bool) -> str:
+    """The path (module docstring); wide: some dtype is float64."""
+    interpret = (
+        _STATE["interpret"] if interpret is None else checks.check_flag("interpret", interpret)
+    )
+    static = all(isinstance(d, int) for d in x.shape)
+    if wide or not static or not (interpret or _on_gpu(x)) or not _kernels_available():
+        return "reference"
     if interpret:
         return "interpret"
-    if _on_gpu(x):
-        quiet_triton_deprecation()
-        return "pallas"
-    return "reference"
+    quiet_triton_deprecation()
+    return "pallas"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,36 +124,59 @@ class _Spec:
     res_dtype: Any  # residual input dtype, None when not fused
     return_residual: bool
     mode: str  # "pallas" | "interpret" | "reference"
+    axis_name: Any = None  # named axes splitting the hidden axis (Flax's axis_name)
 
 
-def _forward(spec: _Spec, x, residual, weight, save: bool):
-    """(M, N) forward; returns (y, h or None, rstd or None)."""
-    fused = residual is not None
-    need_h = fused and (save or spec.return_residual)
-    m, n = x.shape
-    if m == 0:
-        h = jnp.zeros((0, n), spec.round_dtype) if need_h else None
-        rstd = jnp.zeros((0,), jnp.float32) if save else None
-        return jnp.zeros((0, n), spec.out_dtype), h, rstd
-    args = dict(
+def _fwd_args(spec: _Spec) -> dict:
+    return dict(
         eps=spec.eps,
         weight_offset=spec.weight_offset,
         llama=spec.llama,
         out_dtype=spec.out_dtype,
         round_dtype=spec.round_dtype,
     )
-    if spec.mode == "reference":
-        y, h, rstd = reference_fwd(x, residual, weight, need_h=need_h, **args)
-        return y, h, (rstd if save else None)
-    return kernels.rmsnorm_fwd(
+
+
+def _stat_dtype(spec: _Spec, *arrays):
+    """rstd's dtype: float32, or float64 when the reference computes in float64."""
+    dtypes = [a.dtype for a in arrays if a is not None]
+    return compute_dtype(spec.out_dtype, spec.round_dtype, *dtypes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 4))
+def _forward(spec: _Spec, x, residual, weight, save: bool):
+    """(..., N) forward; returns (y, h or None, rstd (...,) or None)."""
+    fused = residual is not None
+    need_h = fused and (save or spec.return_residual)
+    if math.prod(x.shape[:-1]) == 0:
+        h = jnp.zeros(x.shape, spec.round_dtype) if need_h else None
+        rstd = jnp.zeros(x.shape[:-1], _stat_dtype(spec, x, residual, weight)) if save else None
+        return jnp.zeros(x.shape, spec.out_dtype), h, rstd
+    args = _fwd_args(spec)
+    return sharding.rmsnorm_fwd(
         x,
         residual,
         weight,
-        store_h=need_h,
-        store_rstd=save,
-        interpret=spec.mode == "interpret",
+        need_h=need_h,
+        save=save,
+        mode=spec.mode,
+        axis_name=spec.axis_name,
         **args,
     )
+
+
+@_forward.defjvp
+def _forward_jvp(spec: _Spec, save: bool, primals, tangents):
+    # Reached only by higher-order autodiff (the custom_vjp below serves first order): the
+    # value from the chosen path, the tangent from the reference math (jnp, any order).
+    def reference(x, residual, weight):
+        need_h = residual is not None and (save or spec.return_residual)
+        y, h, rstd = reference_fwd(
+            x, residual, weight, need_h=need_h, axis_name=spec.axis_name, **_fwd_args(spec)
+        )
+        return y, h, (rstd if save else None)
+
+    return _forward(spec, *primals, save), jax.jvp(reference, primals, tangents)[1]
 
 
 def _outputs(spec: _Spec, y, h):
@@ -145,26 +195,53 @@ def _rmsnorm_2d_fwd(spec: _Spec, x, residual, weight):
     return _outputs(spec, y, h), (saved, rstd, weight)
 
 
-def _rmsnorm_2d_bwd(spec: _Spec, res, cts):
-    saved, rstd, weight = res
+def _bwd_parts(spec: _Spec, cts):
+    """(dy, dh or None, fused, dres_dtype): dres_dtype is the residual's dtype where it
+    differs from x's (d residual then is written a second time, in that dtype)."""
     fused = spec.res_dtype is not None
     dy, dh = cts if spec.return_residual else (cts, None)
     dres_dtype = spec.res_dtype if fused and spec.res_dtype != spec.x_dtype else None
-    m, n = saved.shape
-    if m == 0:
-        dx = jnp.zeros((0, n), spec.x_dtype)
-        dres = jnp.zeros((0, n), dres_dtype) if dres_dtype is not None else None
+    return dy, dh, fused, dres_dtype
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _rmsnorm_2d_bwd(spec: _Spec, res, cts):
+    saved, rstd, weight = res
+    dy, dh, fused, dres_dtype = _bwd_parts(spec, cts)
+    if math.prod(saved.shape[:-1]) == 0:
+        dx = jnp.zeros(saved.shape, spec.x_dtype)
+        dres = jnp.zeros(saved.shape, dres_dtype) if dres_dtype is not None else None
         dweight = jnp.zeros_like(weight) if weight is not None else None
     else:
         args = dict(weight_offset=spec.weight_offset, dx_dtype=spec.x_dtype, dres_dtype=dres_dtype)
-        if spec.mode == "reference":
-            dx, dres, dweight = reference_bwd(dy, saved, rstd, weight, dh, **args)
-        else:
-            dx, dres, dweight = kernels.rmsnorm_bwd(
-                dy, saved, rstd, weight, dh, interpret=spec.mode == "interpret", **args
-            )
+        dx, dres, dweight = sharding.rmsnorm_bwd(
+            dy, saved, rstd, weight, dh, mode=spec.mode, axis_name=spec.axis_name, **args
+        )
     dresidual = (dres if dres is not None else dx) if fused else None
     return dx, dresidual, dweight
+
+
+@_rmsnorm_2d_bwd.defjvp
+def _rmsnorm_2d_bwd_jvp(spec: _Spec, primals, tangents):
+    # Differentiating the backward (grad of grad): the tangent from the reference formula,
+    # in every input (rstd included, whose own tangent comes from the forward's jvp).
+    def reference(res, cts):
+        saved, rstd, weight = res
+        dy, dh, fused, dres_dtype = _bwd_parts(spec, cts)
+        dx, dres, dweight = reference_bwd(
+            dy,
+            saved,
+            rstd,
+            weight,
+            dh,
+            weight_offset=spec.weight_offset,
+            dx_dtype=spec.x_dtype,
+            dres_dtype=dres_dtype,
+            axis_name=spec.axis_name,
+        )
+        return dx, ((dres if dres is not None else dx) if fused else None), dweight
+
+    return _rmsnorm_2d_bwd(spec, *primals), jax.jvp(reference, primals, tangents)[1]
 
 
 _rmsnorm_2d.defvjp(_rmsnorm_2d_fwd, _rmsnorm_2d_bwd)
@@ -183,12 +260,15 @@ def rmsnorm_general(
     round_dtype=None,
     return_residual=False,
     interpret=None,
+    axis_name=None,
 ):
     """The one entry point behind the public functions and the Flax modules.
 
     x: (..., N) fp16/bf16/fp32. residual: None or x's shape (fused add). weight: None or (N,).
     out_dtype: y's dtype (default x's). round_dtype: h's dtype and the llama rounding dtype
-    (default x's). Returns y, or (y, h) with return_residual (fused only).
+    (default x's). axis_name: None, or the named axes (shard_map / vmap) the hidden axis is
+    split over, for statistics over whole rows (Flax's axis_name). Returns y, or (y, h) with
+    return_residual (fused only).
     """
     x = checks.check_x(x)
     weight = checks.check_weight(weight, x)
@@ -199,11 +279,14 @@ def rmsnorm_general(
     weight_offset = checks.check_weight_offset(weight_offset, weight)
     out_dtype = checks.check_float_dtype("out_dtype", out_dtype or x.dtype)
     round_dtype = checks.check_float_dtype("round_dtype", round_dtype or x.dtype)
-    if not isinstance(return_residual, bool):
-        raise TypeError(f"return_residual must be a bool, got {type(return_residual).__name__}")
+    return_residual = checks.check_flag("return_residual", return_residual)
     if return_residual and residual is None:
         raise ValueError("return_residual=True needs a residual")
 
+    dtypes = [x.dtype, out_dtype, round_dtype] + [
+        a.dtype for a in (residual, weight) if a is not None
+    ]
+    wide = checks.F64 in dtypes
     spec = _Spec(
         eps=eps,
         weight_offset=weight_offset,
@@ -213,14 +296,12 @@ def rmsnorm_general(
         x_dtype=x.dtype,
         res_dtype=residual.dtype if residual is not None else None,
         return_residual=return_residual,
-        mode=_mode(x, interpret),
+        mode=_mode(x, interpret, wide),
+        axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
     )
-    shape, n = x.shape, x.shape[-1]
-    r2 = residual.reshape(-1, n) if residual is not None else None
-    out = _rmsnorm_2d_jit(spec, x.reshape(-1, n), r2, weight)
-    if return_residual:
-        return out[0].reshape(shape), out[1].reshape(shape)
-    return out.reshape(shape)
+    # N-D arrays go through: the sharding layer partitions them and flattens each block.
+    x, residual, weight = sharding.prepare(x, residual, weight, axis_name=spec.axis_name)
+    return _rmsnorm_2d_jit(spec, x, residual, weight)
 
 
 def rmsnorm(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32", interpret=None):

@@ -73,10 +73,13 @@ def test_traced_eps_is_rejected():
         jax.jit(lambda e: accel_jax.rmsnorm(X, W, e))(1e-6)
 
 
-def test_float64_dtype_is_rejected():
-    """(Without jax_enable_x64 JAX itself turns float64 input into float32 first.)"""
-    with pytest.raises(TypeError, match="x must have a floating dtype"):
+def test_float64_dtype_needs_x64():
+    """Without jax_enable_x64 JAX turns float64 arrays into float32; a float64 dtype argument
+    is refused (under x64 it is computed in float64: tests/jax/test_edges.py)."""
+    with pytest.raises(TypeError, match="x=float64 needs jax_enable_x64"):
         checks.check_float_dtype("x", np.float64)
+    with jax.enable_x64(True):
+        assert checks.check_float_dtype("x", np.float64) == jnp.float64
 
 
 def test_numpy_inputs_are_accepted():
