@@ -227,7 +227,7 @@ def rmsnorm(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
     llama = casting == "llama"
     if type(x) not in _PLAIN:  # DTensor, FakeTensor: the custom op and its rules
         return rmsnorm_fwd(x, weight, eps, weight_offset, llama)[0]
-    if not _use_kernels(x) or x.dtype == _F64:
+    if not _use_kernels(x) or x.dtype is _F64:
         return reference_norm(x, None, weight, eps, weight_offset, llama, None)[0]
     if torch.compiler.is_compiling():
         return rmsnorm_fwd(x, weight, eps, weight_offset, llama)[0]
@@ -268,7 +268,7 @@ def rmsnorm_residual_fused(
     args = (x, residual, weight, eps, weight_offset, llama, h_dtype)
     if type(x) not in _PLAIN:
         y, h, _rstd = rmsnorm_residual_fwd(*args)
-    elif not _use_kernels(x) or _F64 in (x.dtype, residual.dtype, h_dtype):
+    elif not _use_kernels(x) or _F64 is x.dtype or _F64 is residual.dtype or _F64 is h_dtype:
         y, h = reference_norm(*args)
     elif torch.compiler.is_compiling():
         y, h, _rstd = rmsnorm_residual_fwd(*args)
