@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 
 def _select_backend() -> None:
@@ -24,11 +25,25 @@ def _select_backend() -> None:
 
 _select_backend()
 
+
+def _require_both_frameworks() -> None:
+    from importlib.util import find_spec
+
+    # Exit with a sentence, not a traceback, where one framework is not installed.
+    missing = [m for m in ("torch", "jax", "flax") if find_spec(m) is None]
+    if missing:
+        sys.exit(
+            f"python -m tests.numerics compares accel_torch with accel_jax: it needs torch, "
+            f"jax and flax; not installed: {', '.join(missing)}"
+        )
+
+
+_require_both_frameworks()
+
 # accel_torch first: it sets TRITON_INTERPRET, which must precede any import of Triton.
 import accel_torch  # noqa: E402, F401, I001
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
