@@ -36,11 +36,6 @@ def check_flax_options(module, x, mask) -> None:
     """Reject flax options whose math the kernels do not implement (nothing silently ignored)."""
     last_axis_only("reduction_axes", module.reduction_axes, x.ndim)
     last_axis_only("feature_axes", module.feature_axes, x.ndim)
-    if module.axis_name is not None:
-        raise ValueError(
-            f"axis_name={module.axis_name!r} is not supported by accel_jax RMSNorm "
-            "(statistics across devices); use flax's RMSNorm, or SPMD jit with sharded inputs"
-        )
     if module.axis_index_groups is not None:
         raise ValueError("axis_index_groups is not supported by accel_jax RMSNorm")
     if not getattr(module, "force_float32_reductions", True):
@@ -93,6 +88,7 @@ class RMSNorm(nn.RMSNorm):
             out_dtype=out_dtype,
             round_dtype=self.residual_dtype if residual is not None else None,
             return_residual=residual is not None,
+            axis_name=self.axis_name,
         )
 
 

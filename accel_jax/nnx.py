@@ -96,6 +96,7 @@ class RMSNorm(nnx.RMSNorm):
             casting=self.casting,
             round_dtype=self.residual_dtype if residual is not None else None,
             return_residual=residual is not None,
+            axis_name=self.axis_name,
         )
 
 
