@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -473,7 +474,7 @@ def _placed(cfg, place: str, arrays):
 def _batched(cfg, ndim: int, place: str):
     """_placed under custom_vmap: a vmapped axis becomes one more leading row axis (neither
     custom_partitioning nor Pallas inside shard_map can be batched by JAX itself)."""
-    fn = jax.custom_batching.custom_vmap(lambda *arrays: _placed(cfg, place, arrays))
+    fn = custom_vmap(lambda *arrays: _placed(cfg, place, arrays))
     fn.def_vmap(functools.partial(_vmap_rule, cfg, ndim, place))
     return fn
 
