@@ -4,15 +4,16 @@
     y = accel_torch.rmsnorm(x, weight)
     y, h = accel_torch.rmsnorm_residual_fused(x, residual, weight, return_residual=True)
 
-See DESIGN.md for the numerics. ``ACCEL_INTERPRET=1`` runs the kernels on CPU tensors in
+See docs/design.md for the numerics. ``ACCEL_INTERPRET=1`` runs the kernels on CPU tensors in
 Triton's interpreter (set it before importing).
 """
 
 from . import _config  # noqa: F401, I001  (sets TRITON_INTERPRET before Triton loads)
 from ._config import interpret_enabled, set_interpret
-from .modules import TritonRMSNorm, replace_rmsnorm
+from .modules import TritonRMSNorm
 from .ops import rmsnorm, rmsnorm_residual_fused
 from .reference import rmsnorm_residual_torch, rmsnorm_torch
+from .replace import RMSNormReplacement, replace_rmsnorm
 from .sharding import register_on_dtensor_import
 
 __version__ = "0.2.0"
@@ -20,6 +21,7 @@ __version__ = "0.2.0"
 register_on_dtensor_import()  # DTensor rules for the ops, once torch.distributed.tensor loads
 
 __all__ = [
+    "RMSNormReplacement",
     "TritonRMSNorm",
     "interpret_enabled",
     "replace_rmsnorm",

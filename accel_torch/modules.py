@@ -1,5 +1,5 @@
-"""nn.Module front ends: TritonRMSNorm (drop-in for torch.nn.RMSNorm / LlamaRMSNorm) and
-replace_rmsnorm, which swaps known RMSNorm modules of a model for it."""
+"""nn.Module front end: TritonRMSNorm, a drop-in for torch.nn.RMSNorm and Hugging Face's
+LlamaRMSNorm (replace.py swaps a model's RMSNorm modules for it)."""
 
 import numbers
 
@@ -134,67 +134,3 @@ class TritonRMSNorm(nn.Module):
             f"elementwise_affine={self.elementwise_affine}, "
             f"weight_offset={self.weight_offset}, casting={self.casting!r}"
         )
-
-
-# Hugging Face RMSNorm classes by name, with the numerics that reproduce each.
-# Llama-style: weight * round(x * rstd) in the input dtype. Gemma-style: (1 + weight) in fp32.
-_HF_LLAMA_STYLE = {
-    "LlamaRMSNorm",
-    "MistralRMSNorm",
-    "MixtralRMSNorm",
-    "Qwen2RMSNorm",
-    "Qwen3RMSNorm",
-    "Qwen3MoeRMSNorm",
-    "Qwen2MoeRMSNorm",
-    "Phi3RMSNorm",
-}
-_HF_GEMMA_STYLE = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
-
-
-def _eps_of(module) -> float:
-    for name in ("variance_epsilon", "eps"):
-        value = getattr(module, name, None)
-        if value is not None:
-            return float(value)
-    return float(torch.finfo(torch.float32).eps)  # torch.nn.RMSNorm's eps=None
-
-
-def _swap_for(module):
-    """The TritonRMSNorm equivalent of module, or None if module is not a known RMSNorm."""
-    cls = type(module).__name__
-    if isinstance(module, nn.RMSNorm):
-        shape = tuple(module.normalized_shape)
-        if len(shape) != 1:
-            return None  # normalizes over several dims: not ours to replace
-        new = TritonRMSNorm(shape[0], _eps_of(module), elementwise_affine=module.weight is not None)
-        casting, offset = "fp32", 0.0
-    elif cls in _HF_LLAMA_STYLE or cls in _HF_GEMMA_STYLE:
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-            return None
-        casting, offset = ("llama", 0.0) if cls in _HF_LLAMA_STYLE else ("fp32", 1.0)
-        new = TritonRMSNorm(weight.shape[0], _eps_of(module), casting=casting, weight_offset=offset)
-    else:
-        return None
-    if module.weight is not None:
-        new.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
-    return new
-
-
-def replace_rmsnorm(model: nn.Module) -> int:
-    """Swap, in place, every torch.nn.RMSNorm and known Hugging Face RMSNorm submodule of
-    model for a TritonRMSNorm with the same weight and numerics.
-
-    Known: Llama/Mistral/Mixtral/Qwen2/Qwen3/Phi3 (``casting="llama"``) and Gemma 1-3
-    (``weight_offset=1.0``, fp32 casting). Other modules are left alone.
-    Returns the number of modules swapped.
-    """
-    count = 0
-    for name, child in list(model.named_children()):
-        new = _swap_for(child)
-        if new is not None:
-            setattr(model, name, new)
-            count += 1
-        else:
-            count += replace_rmsnorm(child)
-    return count
