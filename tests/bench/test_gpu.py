@@ -1,14 +1,16 @@
-"""GPU checks of the benchmark (skipped without CUDA; the lead runs them on the H100).
+"""GPU checks of the benchmark (skipped without CUDA).
 
 - every peer the bench builds computes the benchmarked op at a real size (Liger and
   torch.compile included where installed), against float64 at fp32;
 - ``python -m bench --quick`` at one real shape: every available implementation gets a
   cold and a warm device time, JAX through CUPTI with the flush kernel separated, and
-  the JSON conforms. Timings are printed (run with -s), not asserted.
+  the JSON conforms. Timings are printed (run with -s), not asserted;
+- the default output folder is this card's own, ``bench/results/<card>/``.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +77,16 @@ def test_bench_quick_run_on_gpu(tmp_path):
         if rec["op"] == "fwdbwd":
             assert rec["peak_mem_bytes"] and rec["peak_mem_bytes"] > 0, where
     assert all(h["status"] == "ok" and h["us_per_call"] > 0 for h in data["host_overhead"])
+
+
+def test_default_output_is_this_cards_own_folder():
+    import torch
+
+    from bench.__main__ import GPU_OUT, card_slug
+
+    name = torch.cuda.get_device_name(0)
+    slug = card_slug(name)
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug), (name, slug)
+    assert (GPU_OUT / slug).parent == GPU_OUT
+    if name == "NVIDIA H200":
+        assert slug == "h200"  # a rerun here refreshes the committed H200 results
