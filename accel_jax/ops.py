@@ -6,8 +6,10 @@ Dispatch, decided when a call is traced:
 - x on a GPU (``jax.default_backend()`` under tracing): the compiled Pallas Triton kernels;
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
 The reference math also serves float64 (computed in float64), shapes with symbolic
-dimensions (``jax.export``: the kernels need static shapes) and a JAX without the Pallas
-Triton backend (with one warning).
+dimensions (``jax.export``: the kernels need static shapes), arrays of 2^32 bytes or more
+on the compiled path (there Pallas switches to 64-bit offsets, and XLA's compile of such a
+kernel crashes on jaxlib 0.11.2 / H200) and a JAX without the Pallas Triton backend (with one
+warning).
 
 Every path goes through the same ``custom_vjp``: saved for backward are x (or h) and one fp32
 rstd per row; the backward is the kernels' formula (or its jnp twin on CPU). The forward
@@ -97,8 +99,14 @@ def _kernels_available() -> bool:
     return False
 
 
-def _mode(x, interpret, wide: bool) -> str:
-    """The path (module docstring); wide: some dtype is float64."""
+# Arrays this large get 64-bit offsets in the Pallas Triton lowering, whose compile crashed
+# (a segfault inside XLA, jaxlib 0.11.2 on an H200): the compiled path stays below it.
+_KERNEL_BYTES_LIMIT = 2**32
+
+
+def _mode(x, interpret, wide: bool, itemsize: int = 4) -> str:
+    """The path (module docstring); wide: some dtype is float64; itemsize: the widest of the
+    arrays read or written (their element count is x's)."""
     interpret = (
         _STATE["interpret"] if interpret is None else checks.check_flag("interpret", interpret)
     )
@@ -107,6 +115,8 @@ def _mode(x, interpret, wide: bool) -> str:
         return "reference"
     if interpret:
         return "interpret"
+    if math.prod(x.shape) * itemsize >= _KERNEL_BYTES_LIMIT:
+        return "reference"
     quiet_triton_deprecation()
     return "pallas"
 
@@ -296,7 +306,7 @@ def rmsnorm_general(
         x_dtype=x.dtype,
         res_dtype=residual.dtype if residual is not None else None,
         return_residual=return_residual,
-        mode=_mode(x, interpret, wide),
+        mode=_mode(x, interpret, wide, max(jnp.dtype(d).itemsize for d in dtypes)),
         axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
     )
     # N-D arrays go through: the sharding layer partitions them and flattens each block.

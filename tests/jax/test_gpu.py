@@ -160,12 +160,32 @@ def test_flax_modules_on_gpu():
     assert steps.max() <= 1
 
 
-@pytest.mark.parametrize("n", [4096, 32768], ids=["single-block", "looped"])
-def test_more_than_2_pow_31_elements(n):
-    """2^31 + 32768 bf16 elements (64-bit offsets inside the kernels), forward and backward:
-    the first, middle and last rows against float64. x and dy repeat a few random rows
-    (period K), so dweight's float64 reference is K rows weighted by their counts."""
-    m = (2**31 + 32768) // n
+def test_arrays_of_2_pow_32_bytes_take_the_reference_math():
+    """From 2^32 bytes in any array (where Pallas would switch to 64-bit offsets, whose
+    compile crashed XLA on jaxlib 0.11.2) the op runs the reference math; below, the kernels."""
+
+    def has_pallas(m, n, dtype):
+        x = jax.ShapeDtypeStruct((m, n), dtype)
+        w = jax.ShapeDtypeStruct((n,), jnp.float32)
+        return "pallas_call" in str(jax.make_jaxpr(accel_jax.rmsnorm)(x, w))
+
+    assert has_pallas(2**31 // 4096 - 1, 4096, jnp.bfloat16)
+    assert not has_pallas(2**31 // 4096, 4096, jnp.bfloat16)
+    assert has_pallas(2**30 // 4096 - 1, 4096, jnp.float32)
+    assert not has_pallas(2**30 // 4096, 4096, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "n, elements",
+    [(4096, 2**31 - 4096), (32768, 2**31 - 32768), (4096, 2**31 + 32768)],
+    ids=["single-block-below-limit", "looped-below-limit", "above-limit"],
+)
+def test_near_and_past_2_pow_31_elements(n, elements):
+    """bf16 arrays just under 2^32 bytes (the kernels, 32-bit offsets near their limit) and
+    past it (the reference math), forward and backward: the first, middle and last rows
+    against float64. x and dy repeat a few random rows (period K), so dweight's float64
+    reference is K rows weighted by their counts."""
+    m = elements // n
     k = 7
     base_x = rand(20, (k, n), jnp.bfloat16)
     base_dy = rand(21, (k, n), jnp.bfloat16)
@@ -175,7 +195,7 @@ def test_more_than_2_pow_31_elements(n):
         return jnp.tile(base, (_cdiv(m, k), 1))[:m]
 
     x, dy = jax.jit(tile)(base_x), jax.jit(tile)(base_dy)
-    assert x.size > 2**31
+    assert x.size == elements
     y, vjp = jax.vjp(lambda x, w: accel_jax.rmsnorm(x, w), x, w)
     dx, dw = jax.jit(vjp)(dy)
     rows = np.array([0, 1, m // 2, m - 2, m - 1])
