@@ -115,13 +115,17 @@ def where(*arrays, axis_name=None) -> str:
     if axis_name is not None:
         return "manual"
     mesh = _mesh_of(arrays)
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty:
         return "local"
     types = set(mesh.axis_types)
+    # Manual and Explicit axes type the arrays even on a mesh of one device (kernels there
+    # would see sharded refs, and a gradient's vma would not match its input's).
     if AxisType.Manual in types:
         return "manual"
     # Explicit even when x is replicated: under vmap its batch axis may be sharded.
-    return "explicit" if AxisType.Explicit in types else "auto"
+    if AxisType.Explicit in types:
+        return "explicit"
+    return "local" if mesh.size == 1 else "auto"
 
 
 def match_vma(*arrays):
@@ -283,11 +287,12 @@ def local_bwd(cfg: Bwd, dy, x, rstd, weight, dh, hidden=(), rows=()):
 
 
 def _layout(spec, shape, mesh_shape) -> tuple:
-    """Spec entries kept for x: those that split their dimension evenly (others: None)."""
+    """Spec entries kept for x: those that split their dimension evenly (others: None).
+    Axes of size 1 are kept: under Explicit axes they are part of the arrays' types."""
     out = []
     for entry, size in zip(spec, shape, strict=True):
         parts = math.prod(mesh_shape[a] for a in _axes(entry))
-        out.append(entry if parts > 1 and size % parts == 0 else None)
+        out.append(entry if size % parts == 0 else None)
     return tuple(out)
 
 

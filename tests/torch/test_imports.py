@@ -96,10 +96,18 @@ print("ok")
 
 @pytest.mark.gpu
 def test_cuda_tensor_without_triton_raises_clearly():
+    # torch.cuda's initialization imports triton itself (torch 2.11): initialize first, then
+    # forget triton and block it, so that only accel_torch's import meets its absence.
     code = (
-        _BLOCK_TRITON
-        + """
+        """
+import sys
 import torch
+torch.cuda.init()
+for name in [k for k in sys.modules if k == "triton" or k.startswith("triton.")]:
+    del sys.modules[name]
+"""
+        + _BLOCK_TRITON
+        + """
 import accel_torch
 try:
     accel_torch.rmsnorm(torch.randn(2, 8, device="cuda"))
