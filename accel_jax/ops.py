@@ -137,16 +137,6 @@ class _Spec:
     axis_name: Any = None  # named axes splitting the hidden axis (Flax's axis_name)
 
 
-def _fwd_args(spec: _Spec) -> dict:
-    return dict(
-        eps=spec.eps,
-        weight_offset=spec.weight_offset,
-        llama=spec.llama,
-        out_dtype=spec.out_dtype,
-        round_dtype=spec.round_dtype,
-    )
-
-
 def _stat_dtype(spec: _Spec, *arrays):
     """rstd's dtype: float32, or float64 when the reference computes in float64."""
     dtypes = [a.dtype for a in arrays if a is not None]
@@ -162,7 +152,7 @@ def _forward(spec: _Spec, x, residual, weight, save: bool):
         h = jnp.zeros(x.shape, spec.round_dtype) if need_h else None
         rstd = jnp.zeros(x.shape[:-1], _stat_dtype(spec, x, residual, weight)) if save else None
         return jnp.zeros(x.shape, spec.out_dtype), h, rstd
-    args = _fwd_args(spec)
+    args = sharding.fwd_args(spec)
     return sharding.rmsnorm_fwd(
         x,
         residual,
@@ -182,7 +172,7 @@ def _forward_jvp(spec: _Spec, save: bool, primals, tangents):
     def reference(x, residual, weight):
         need_h = residual is not None and (save or spec.return_residual)
         y, h, rstd = reference_fwd(
-            x, residual, weight, need_h=need_h, axis_name=spec.axis_name, **_fwd_args(spec)
+            x, residual, weight, need_h=need_h, axis_name=spec.axis_name, **sharding.fwd_args(spec)
         )
         return y, h, (rstd if save else None)
 

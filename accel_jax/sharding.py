@@ -152,7 +152,8 @@ def _axis_size(axes) -> int:
 # ---------------------------------------------------------------- local math on one block
 
 
-def _fwd_args(cfg: Fwd) -> dict:
+def fwd_args(cfg) -> dict:
+    """The forward's static keyword arguments, from ops' _Spec or this module's Fwd."""
     return dict(
         eps=cfg.eps,
         weight_offset=cfg.weight_offset,
@@ -194,7 +195,7 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
     if hidden:
         y, h, rstd = _two_phase_fwd(cfg, x, residual, weight, hidden)
     elif cfg.mode == "reference":
-        y, h, rstd = reference_fwd(x, residual, weight, need_h=cfg.need_h, **_fwd_args(cfg))
+        y, h, rstd = reference_fwd(x, residual, weight, need_h=cfg.need_h, **fwd_args(cfg))
     else:
         n, lead = x.shape[-1], x.shape[:-1]
         r2 = residual.reshape(-1, n) if residual is not None else None
@@ -205,7 +206,7 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
             store_h=cfg.need_h,
             store_rstd=cfg.save,
             interpret=cfg.mode == "interpret",
-            **_fwd_args(cfg),
+            **fwd_args(cfg),
         )
         y = y.reshape(x.shape)
         h = h.reshape(x.shape) if h is not None else None
