@@ -106,7 +106,7 @@ _KERNEL_BYTES_LIMIT = 2**32
 
 def _mode(x, interpret, wide: bool, itemsize: int = 4) -> str:
     """The path (module docstring); wide: some dtype is float64; itemsize: the widest of the
-    arrays read or written (their element count is x's)."""
+    arrays of x's shape read or written (x, residual, y, h)."""
     interpret = (
         _STATE["interpret"] if interpret is None else checks.check_flag("interpret", interpret)
     )
@@ -287,6 +287,7 @@ def rmsnorm_general(
         a.dtype for a in (residual, weight) if a is not None
     ]
     wide = checks.F64 in dtypes
+    x_shaped = dtypes[:3] + ([residual.dtype] if residual is not None else [])  # not (N,)
     spec = _Spec(
         eps=eps,
         weight_offset=weight_offset,
@@ -296,7 +297,7 @@ def rmsnorm_general(
         x_dtype=x.dtype,
         res_dtype=residual.dtype if residual is not None else None,
         return_residual=return_residual,
-        mode=_mode(x, interpret, wide, max(jnp.dtype(d).itemsize for d in dtypes)),
+        mode=_mode(x, interpret, wide, max(jnp.dtype(d).itemsize for d in x_shaped)),
         axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
     )
     # N-D arrays go through: the sharding layer partitions them and flattens each block.

@@ -265,3 +265,35 @@ NO_TRITON_SCRIPT = textwrap.dedent(
 
 def test_without_the_pallas_triton_backend_one_warning_and_the_reference_math():
     run_python(NO_TRITON_SCRIPT, JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.parametrize(
+    "rows, x_dtype, residual_dtype, kernels",
+    [
+        (2**31 // 4096 - 1, jnp.bfloat16, None, True),  # just under 2^32 bytes
+        (2**31 // 4096, jnp.bfloat16, None, False),
+        (2**30 // 4096 - 1, jnp.float32, None, True),
+        (2**30 // 4096, jnp.float32, None, False),
+        (2**30 // 4096, jnp.bfloat16, jnp.float32, False),  # h in fp32 reaches 2^32 bytes
+    ],
+)
+def test_compiled_path_stops_short_of_2_pow_32_bytes(
+    monkeypatch, rows, x_dtype, residual_dtype, kernels
+):
+    """Where the compiled kernels would run (a GPU, simulated: only traced, never lowered),
+    arrays of x's shape of 2^32 bytes or more take the reference math; the (N,) fp32 weight
+    does not count."""
+    from accel_jax import ops
+
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    x = jax.ShapeDtypeStruct((rows, 4096), x_dtype)
+    w = jax.ShapeDtypeStruct((4096,), jnp.float32)
+    if residual_dtype is None:
+        jaxpr = jax.make_jaxpr(lambda x, w: accel_jax.rmsnorm(x, w, interpret=False))(x, w)
+    else:
+        jaxpr = jax.make_jaxpr(
+            lambda x, w: accel_jax.rmsnorm_residual_fused(
+                x, x, w, residual_dtype=residual_dtype, interpret=False
+            )
+        )(x, w)
+    assert ("pallas_call" in str(jaxpr)) == kernels
