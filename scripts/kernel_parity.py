@@ -9,8 +9,8 @@ between the frameworks: events and graph replays include launch gaps that CUPTI 
 records leave out. Here both sides are CUPTI kernel records (torch through
 `torch.profiler`, JAX through `bench.jax_timing`), summed over the kernels of one call
 (forward: 1, backward: 2 with the dweight reduction), median over calls; warm = same
-inputs, cold = a 256 MB L2 flush before each call (flush kernels left out). The issue's
-target is every Pallas kernel within 5% of the Triton kernel; `!` marks a cell over it.
+inputs, cold = a 256 MB L2 flush before each call (flush kernels left out). The
+target: every Pallas kernel within 5% of the Triton kernel; `!` marks a cell over it.
 Each side runs in its own process: CUPTI takes one subscriber, and torch's profiler keeps
 its subscription once it has run.
 """
