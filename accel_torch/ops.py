@@ -22,7 +22,6 @@ everywhere, double backward and forward mode.
 """
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import _config
 from .launch import (
@@ -36,10 +35,12 @@ from .reference import (
     NormFunction,
     backward_math,
     forward_math,
+    legacy_form,
     norm_grads,
     reference_norm,
     residual_add_math,
     save_norm_context,
+    transformed,
 )
 from .validation import check_flag, check_residual_args, check_rmsnorm_args
 
@@ -192,27 +193,11 @@ class _KernelFunction(NormFunction):
         return out, (0,) * len(out)
 
 
-class _EagerKernelFunction(torch.autograd.Function):
-    """_KernelFunction in the legacy ``forward(ctx, ...)`` form, for plain eager calls (no
-    torch.func transform, no forward AD): its apply skips the signature binding that the
-    setup_context form costs on every call (~half of the eager forward+backward host time)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _KernelFunction.forward(*inputs)
-        save_norm_context(ctx, inputs, out)
-        return out
-
-    backward = _KernelFunction.backward
+_EagerKernelFunction = legacy_form(_KernelFunction)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _transformed() -> bool:
-    """A torch.func transform or forward-mode AD is active: the launcher alone would drop it."""
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 # ---- public API ----
@@ -245,7 +230,7 @@ def rmsnorm(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
         return reference_norm(x, None, weight, eps, weight_offset, llama, None)[0]
     if torch.compiler.is_compiling():
         return rmsnorm_fwd(x, weight, eps, weight_offset, llama)[0]
-    if _transformed():
+    if transformed():
         return _KernelFunction.apply(x, None, weight, eps, weight_offset, llama, None)[0]
     if _needs_grad(x, weight):
         return _EagerKernelFunction.apply(x, None, weight, eps, weight_offset, llama, None)[0]
@@ -288,7 +273,7 @@ def rmsnorm_residual_fused(
         y, h = reference_norm(*args)
     elif torch.compiler.is_compiling():
         y, h, _rstd = rmsnorm_residual_fwd(*args)
-    elif _transformed():
+    elif transformed():
         y, h, _rstd = _KernelFunction.apply(*args)
     elif _needs_grad(x, residual, weight):
         y, h, _rstd = _EagerKernelFunction.apply(*args)
