@@ -1,9 +1,13 @@
-"""Command line: ``python -m bench [--dtype bf16] [--shapes 2048x4096,...] [--ops ...]``.
+"""Command line: ``python -m bench [--dtype bf16] [--shapes 2048x4096,...] [--widths] [--ops ...]``.
 
 On a CUDA machine it times every implementation at the project's shapes and writes the
 results to ``bench/results/<card>/`` (e.g. ``bench/results/h200/``), so a run on one card
 never overwrites another card's results. Without a GPU it says so once, times the CPU paths
 at small shapes (results to ``bench/results-cpu``, never into ``bench/results``) and exits 0.
+
+``--widths`` adds the hidden widths real models use, 4096 rows of 3072, 3584, 4608, 5120,
+6144 and 7168 columns (``bench.shapes.WIDTH_SHAPES``), after the given (or default) shapes;
+a shape already in the run is not run twice.
 """
 
 from __future__ import annotations
@@ -19,7 +23,17 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from bench import impls as impls_mod  # noqa: E402
-from bench.shapes import CPU_SHAPES, DTYPES, GPU_SHAPES, OPS, parse_ops, parse_shapes  # noqa: E402
+from bench.shapes import (  # noqa: E402
+    CPU_SHAPES,
+    DTYPES,
+    GPU_SHAPES,
+    OPS,
+    WIDTH_SHAPES,
+    Shape,
+    parse_ops,
+    parse_shapes,
+    unique_shapes,
+)
 
 HERE = Path(__file__).resolve().parent
 GPU_OUT = HERE / "results"
@@ -38,7 +52,7 @@ def _impls_default_help() -> str:
     return (
         f"comma-separated subset of {','.join(impls_mod.BY_NAME)} (default: every installed "
         f"one; on a CPU {', '.join(cpu_skipped)} runs only when named here (slow to compile) "
-        f"and {', '.join(cuda_only)} needs CUDA)"
+        f"and {', '.join(cuda_only)} {'need' if len(cuda_only) > 1 else 'needs'} CUDA)"
     )
 
 
@@ -54,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated MxN (rows x hidden), e.g. 2048x4096,256x4096; "
         f"default on GPU: {','.join(GPU_SHAPES)}; on CPU: {','.join(CPU_SHAPES)}",
+    )
+    p.add_argument(
+        "--widths",
+        action="store_true",
+        help="also run the hidden widths real models use: "
+        f"{', '.join(WIDTH_SHAPES)}, after the other shapes (each shape runs once)",
     )
     p.add_argument(
         "--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)} (default: all three)"
@@ -79,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_shapes(shapes_arg: str | None, widths: bool, on_gpu: bool) -> list[Shape]:
+    """The run's shapes: ``--shapes`` (or the GPU / CPU default), then ``--widths``'s, each once.
+
+    Raises ValueError for a malformed ``--shapes``.
+    """
+    shapes = parse_shapes(shapes_arg or (GPU_SHAPES if on_gpu else CPU_SHAPES))
+    return unique_shapes(shapes, parse_shapes(WIDTH_SHAPES) if widths else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -97,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu:
         print(runner.NO_GPU_NOTE, flush=True)  # once, before the run; not again in the report
     try:
-        shapes = parse_shapes(shapes_arg or (GPU_SHAPES if on_gpu else CPU_SHAPES))
+        shapes = run_shapes(shapes_arg, args.widths, on_gpu)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

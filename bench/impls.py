@@ -9,6 +9,8 @@ Every implementation gives, per op, a pure function of the op's arrays:
 
 x, r, dy are (M, N) in the benchmark dtype; w is (N,) in the same dtype. All compute the
 contract's "fp32" casting: statistics and scaling in fp32, one rounding to x's dtype.
+Where a peer's math differs from that (another rounding, an approximate rsqrt), its
+``op_note`` says how, and the reports print it beside the numbers.
 A peer that is not installed (or cannot run here) says why instead of failing.
 """
 
@@ -36,6 +38,8 @@ class Impl:
     check: Callable[[], str | None]  # None when importable, else the reason
     build_op: Callable[[str, float], Callable]  # (op, eps) -> f(*arrays)
     op_check: Callable[[str], str | None] = field(default=lambda op: None)
+    # How this implementation's ``op`` differs from the contract's math (None: it does not).
+    op_note: Callable[[str], str | None] = field(default=lambda op: None)
     needs_cuda: bool = False  # cannot run at all without a GPU (e.g. Triton-only peers)
     cpu_default: bool = True  # run by default on a CPU-only machine
 
@@ -45,7 +49,7 @@ class Impl:
         if reason:
             return reason
         if self.needs_cuda and not on_gpu:
-            return "needs a CUDA GPU (Triton kernels)"
+            return "needs a CUDA GPU (its kernels are CUDA-only)"
         if not on_gpu and not self.cpu_default and not requested:
             return "skipped on CPU by default (slow to compile); name it in --impls to run it"
         return None
@@ -59,12 +63,21 @@ class Impl:
         return self.build_op(op, eps)
 
 
-def _import_reason(module: str, hint: str = "") -> str | None:
+def _import_reason(module: str, hint: str = "", name: str | None = None) -> str | None:
+    """None when ``module`` imports, else why: "<name> not installed<hint>" or the error.
+
+    Only a missing ``module`` (or a package above it) counts as not installed; an installed
+    package whose own imports fail (a missing dependency, a CUDA DSL that cannot start) is
+    reported with its error.
+    """
+    name = name or module
     try:
         importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken install raising anything else
-        msg = f"{module} not installed" if isinstance(e, ModuleNotFoundError) else None
-        return (msg or f"{module} failed to import: {type(e).__name__}: {e}") + hint
+        missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+        if missing and (module == missing or module.startswith(missing + ".")):
+            return f"{name} not installed{hint}"
+        return f"{name} failed to import: {type(e).__name__}: {e}"
     return None
 
 
@@ -156,6 +169,34 @@ def _build_accel_torch(op: str, eps: float) -> Callable:
             x, r, w, eps, return_residual=True
         )
     return _torch_ops(lambda x, w, eps_: accel_torch.rmsnorm(x, w, eps_), op, eps)
+
+
+QUACK_HINT = ": pip install quack-kernels (CUDA, Hopper or newer)"
+_QUACK_RSQRT = "rstd from CuTe's fast-math (approximate) fp32 rsqrt"
+QUACK_NOTES = {
+    "fwd": f"{_QUACK_RSQRT}; otherwise the contract's y = round(x * rstd * w)",
+    "fused": "y normalizes the fp32 sum x + r, not h rounded to x's dtype (the same at fp32; "
+    "at bf16/fp16 y can differ from the contract's by about an ulp); h itself is the fp32 "
+    f"sum rounded once to r's dtype (x's here), as in the contract; {_QUACK_RSQRT}",
+    "fwdbwd": f"the backward uses the forward's saved rstd ({_QUACK_RSQRT}); dw = fp32 "
+    "per-SM partials summed by torch, rounded once to w's dtype, as in the contract",
+}
+
+
+def _quack_check() -> str | None:
+    return _import_reason("quack.rmsnorm", QUACK_HINT, name="quack-kernels")
+
+
+def _build_quack(op: str, eps: float) -> Callable:
+    # quack-kernels 0.6.5: rmsnorm(x, weight, bias=None, residual=None, out_dtype=None,
+    # residual_dtype=None, eps=1e-6, prenorm=False, weight_offset=0.0), an autograd Function
+    # (rstd saved only when an input requires grad). With a residual and prenorm=True it
+    # returns (y, residual_out), residual_out in the residual's dtype.
+    from quack.rmsnorm import rmsnorm
+
+    if op == "fused":
+        return lambda x, r, w: rmsnorm(x, w, residual=r, eps=eps, prenorm=True)
+    return _torch_ops(lambda x, w, eps_: rmsnorm(x, w, eps=eps_), op, eps)
 
 
 def _torch_F_reason() -> str | None:
@@ -257,6 +298,19 @@ REGISTRY: tuple[Impl, ...] = (
         lambda: _import_reason("liger_kernel.ops.rms_norm", " (pip install liger-kernel)"),
         _build_liger,
         op_check=_liger_fused_reason,
+        needs_cuda=True,
+    ),
+    Impl(
+        "quack",
+        "quack",
+        TORCH,
+        False,
+        "quack-kernels quack.rmsnorm.rmsnorm (CuTe DSL; fused: residual=r, prenorm=True); "
+        "differs from the contract: fast-math rsqrt, and the fused y normalizes the "
+        "unrounded fp32 x + r",
+        _quack_check,
+        _build_quack,
+        op_note=QUACK_NOTES.get,
         needs_cuda=True,
     ),
     Impl(

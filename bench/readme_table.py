@@ -2,7 +2,8 @@
 
     python -m bench.readme_table      # rewrite README.md between its two markers
 
-Per operation, the cold and warm time tables of ``bench/results/h200/rmsnorm_bf16.json``,
+The run's header (and how any peer's math differs from the contract's), then per operation,
+the cold and warm time tables of ``bench/results/h200/rmsnorm_bf16.json``,
 each under the heading of its own operation, then host overhead and first-call seconds,
 each under its own heading. A test checks every table's cells against the JSON records.
 """
@@ -23,7 +24,8 @@ START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 def readme_section(results: dict) -> str:
     """The README's results section (markdown) for a results dictionary."""
-    out = [f"- {line}" for line in report.header_lines(results)]
+    lines = report.header_lines(results) + report.op_note_lines(results)
+    out = [f"- {line}" for line in lines]
     for op in results["ops"]:
         out += ["", f"#### {op}: {results['op_titles'][op]}"]
         for mode in report.modes(results):

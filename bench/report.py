@@ -382,6 +382,32 @@ def _missing_lines(results: dict) -> list[str]:
     return lines
 
 
+def op_note_lines(results: dict) -> list[str]:
+    """Where an implementation that ran computes an op differently from the contract."""
+    return [
+        f"differs: {d['name']} {op}: {note}"
+        for d in results["impls"]
+        if d["available"]
+        for op, note in d.get("op_notes", {}).items()
+        if op in results["ops"]
+    ]
+
+
+def _impl_lines(results: dict) -> list[str]:
+    """Markdown list: each implementation, what it is, how it differs, why it is missing."""
+    out = []
+    for d in results["impls"]:
+        out.append(f"- `{d['name']}` ({d['label']}, {d['framework']}): {d['description']}")
+        out += [
+            f"  - differs ({op}): {note}"
+            for op, note in d.get("op_notes", {}).items()
+            if op in results["ops"]
+        ]
+        if not d["available"]:
+            out.append(f"  - missing: {d['reason']}")
+    return out
+
+
 def _kernel_lines(results: dict) -> list[str]:
     first = results["shapes"][0] if results["shapes"] else None
     return [
@@ -413,7 +439,7 @@ def text_report(results: dict, omit_notes: tuple[str, ...] = ()) -> str:
         out.append(render_text(*host_table(results)))
     out += ["", f"== {FIRST_CALL_TITLE.lower()}"]
     out.append(render_text(*first_call_table(results)))
-    missing = _missing_lines(results)
+    missing = op_note_lines(results) + _missing_lines(results)
     if missing:
         out += [""] + missing
     return "\n".join(out)
@@ -423,6 +449,7 @@ def markdown_report(results: dict) -> str:
     """The markdown results file: every table of the text report plus GB/s tables."""
     out = ["# RMSNorm benchmark results", ""] + [f"- {line}" for line in header_lines(results)]
     out += ["", "Timing:", ""] + [f"- {k}: {v}" for k, v in results["timing"].items() if v]
+    out += ["", "## Implementations", ""] + _impl_lines(results)
     for op in results["ops"]:
         title = results["op_titles"][op]
         out += ["", f"## {op}: {title}"]

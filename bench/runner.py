@@ -88,6 +88,8 @@ def versions() -> dict:
         ("jaxlib", "jaxlib"),
         ("flax", "flax"),
         ("liger_kernel", "liger-kernel"),
+        ("quack_kernels", "quack-kernels"),
+        ("cutlass_dsl", "nvidia-cutlass-dsl"),
         ("numpy", "numpy"),
         ("accel_rmsnorm", "accel-rmsnorm"),
     ]:
@@ -315,13 +317,17 @@ def run(cfg: Config) -> dict:
 
 
 def impl_entry(impl, reason: str | None) -> dict:
-    """The results' description of one implementation and why it is missing (if it is)."""
+    """The results' description of one implementation and why it is missing (if it is).
+
+    ``op_notes``: per op, how its math differs from the contract's (only ops where it does).
+    """
     return {
         "name": impl.name,
         "label": impl.label,
         "framework": impl.framework,
         "project": impl.project,
         "description": impl.description,
+        "op_notes": {op: note for op in OP_TITLES if (note := impl.op_note(op))},
         "available": reason is None,
         "reason": reason,
     }

@@ -39,6 +39,10 @@ GPU_SHAPES = (
     "32768x2048",
     "256x4096",  # decode-sized
 )
+# Hidden widths of real models (3072: Llama-3.2-3B, 3584: Qwen2-7B, 4608: Gemma-2-27B,
+# 5120: Llama-2-13B / Qwen2.5-14B, 6144: StarCoder2-15B, 7168: DeepSeek-V3) at 4096 rows;
+# added to a run by ``python -m bench --widths``.
+WIDTH_SHAPES = tuple(f"4096x{n}" for n in (3072, 3584, 4608, 5120, 6144, 7168))
 # Without a GPU: small shapes the plain CPU paths handle in a moment.
 CPU_SHAPES = ("64x1024", "256x4096")
 # Host overhead is measured on one small row, where launch cost dominates.
@@ -85,6 +89,11 @@ def parse_shapes(text: str | list[str] | tuple[str, ...]) -> list[Shape]:
     if not shapes:
         raise ValueError("no shapes given")
     return shapes
+
+
+def unique_shapes(*groups: list[Shape]) -> list[Shape]:
+    """The shapes of ``groups`` in order, each once (its first place kept)."""
+    return list(dict.fromkeys(s for group in groups for s in group))
 
 
 def parse_ops(text: str) -> list[str]:

@@ -1,4 +1,12 @@
-"""A synthetic results dictionary, assembled the way bench.runner.run assembles one."""
+"""Fakes for the bench's tests: a synthetic results dictionary, assembled the way
+bench.runner.run assembles one, and stand-ins for peer packages that cannot be installed
+here (quack-kernels needs CUDA): an installed one with the real API and math, or a broken one.
+"""
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
 
 from bench import impls
 from bench.runner import Config, assemble, impl_entry, new_record
@@ -19,8 +27,8 @@ COLD = {
 MISSING = {"liger": "liger_kernel.ops.rms_norm not installed", "torch_compile": None}
 
 
-def synthetic_results(kind: str = "cuda") -> dict:
-    cfg = Config(shapes=parse_shapes(SHAPES), ops=OPS, dtype="bf16")
+def synthetic_results(kind: str = "cuda", shapes: str | tuple = SHAPES) -> dict:
+    cfg = Config(shapes=parse_shapes(shapes), ops=OPS, dtype="bf16")
     device = {
         "kind": kind,
         "name": "Fake GPU" if kind == "cuda" else "x86_64",
@@ -85,3 +93,76 @@ def synthetic_results(kind: str = "cuda") -> dict:
         "gbps": (2 << 30) / 700.0 / 1e3,
     }
     return assemble(cfg, device, infos, big, floors, records, host, ["a note"])
+
+
+def fake_quack(monkeypatch) -> list[dict]:
+    """Install a stand-in ``quack`` / ``quack.rmsnorm``; returns the list its calls go to.
+
+    ``rmsnorm`` has quack-kernels 0.6.5's signature and its math (its ``rmsnorm_ref``: the
+    residual added in fp32, y from that unrounded sum, residual_out = the sum rounded to the
+    residual's dtype; ``(y, residual_out)`` only with a residual and ``prenorm=True``), in
+    plain torch with torch's autograd.
+    """
+    import torch
+
+    calls: list[dict] = []
+
+    def rmsnorm(
+        x,
+        weight=None,
+        bias=None,
+        residual=None,
+        out_dtype=None,
+        residual_dtype=None,
+        eps=1e-6,
+        prenorm=False,
+        weight_offset=0.0,
+    ):
+        calls.append(
+            dict(
+                bias=bias,
+                residual=residual,
+                out_dtype=out_dtype,
+                residual_dtype=residual_dtype,
+                eps=eps,
+                prenorm=prenorm,
+                weight_offset=weight_offset,
+            )
+        )
+        xf = x.float() if residual is None else x.float() + residual.float()
+        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            out = out * (weight.float() + weight_offset)
+        out = out.to(out_dtype or x.dtype)
+        if residual is None or not prenorm:
+            return out
+        return out, xf.to(residual_dtype or residual.dtype)
+
+    pkg = types.ModuleType("quack")
+    pkg.__path__ = []
+    mod = types.ModuleType("quack.rmsnorm")
+    mod.rmsnorm = pkg.rmsnorm = rmsnorm
+    monkeypatch.setitem(sys.modules, "quack", pkg)
+    monkeypatch.setitem(sys.modules, "quack.rmsnorm", mod)
+    return calls
+
+
+class _Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``name`` and fails while executing it, as an installed but broken package does."""
+
+    def __init__(self, name: str, error: BaseException):
+        self.name, self.error = name, error
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def exec_module(self, module):
+        raise self.error
+
+
+def broken_package(monkeypatch, name: str, error: BaseException) -> None:
+    """Make ``import name`` (and its submodules) raise ``error`` from inside the package."""
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Broken(name, error), *sys.meta_path])

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench import impls, report
-from bench.__main__ import build_parser, card_slug
+from bench.__main__ import build_parser, card_slug, main, run_shapes
+from bench.shapes import CPU_SHAPES, GPU_SHAPES, WIDTH_SHAPES, Shape, parse_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,7 @@ def test_cpu_run_says_so_writes_results_and_exits_0(tmp_path):
     assert "kernels need CUDA" in proc.stdout
     assert "[1/2] 4x64" in proc.stderr and "[2/2] 2x128" in proc.stderr  # progress lines
     assert "CPU wall-clock" in proc.stdout and "missing: liger" in proc.stdout
+    assert "missing: quack: quack-kernels " in proc.stdout  # not installed, or needs CUDA
     assert (proc.stdout + proc.stderr).count("No CUDA GPU") == 1  # said once, at the start
     assert "a CPU has no such counter" in proc.stdout  # why torch's peak memory is n/a
 
@@ -49,8 +51,11 @@ def test_cpu_run_says_so_writes_results_and_exits_0(tmp_path):
     assert data["device"]["kind"] == "cpu" and data["dtype"] == "fp32"
     assert data["shapes"] == ["4x64", "2x128"] and data["ops"] == ["fwd", "fused", "fwdbwd"]
     by = {(r["impl"], r["shape"], r["op"]): r for r in data["records"]}
-    assert len(by) == 8 * 2 * 3  # every implementation, shape and op has a record
+    assert len(by) == len(impls.REGISTRY) * 2 * 3  # every implementation, shape and op
     assert by[("liger", "4x64", "fwd")]["status"] == "missing"
+    quack = by[("quack", "2x128", "fused")]
+    assert quack["status"] == "missing" and quack["reason"].startswith("quack-kernels ")
+    assert quack["reason"].endswith(("(CUDA, Hopper or newer)", "CUDA-only)")), quack
     assert by[("torch_compile", "4x64", "fwd")]["status"] == "missing"
     for name in ("torch_eager", "torch_rms_norm", "jax_xla", "flax_linen"):
         for op in ("fwd", "fused", "fwdbwd"):
@@ -101,10 +106,44 @@ def test_help_states_the_defaults_that_apply():
     skipped = [i.name for i in impls.REGISTRY if not i.cpu_default]
     cuda_only = [i.name for i in impls.REGISTRY if i.needs_cuda]
     assert skipped and cuda_only
-    for name in skipped + cuda_only:
-        assert f"{name} runs only when named" in text or f"{name} needs CUDA" in text
+    needs_cuda = text.split("compile) and ")[1].split(" need")[0].split(", ")
+    assert needs_cuda == cuda_only and f"{skipped[0]} runs only when named" in text
+    assert "liger, quack need CUDA" in text
     assert "default: all)" not in text
     assert "bench/results/<card>/ on a GPU" in text and "bench/results-cpu on a CPU" in text
+    assert "--widths also run the hidden widths real models use: " + ", ".join(WIDTH_SHAPES) in text
+
+
+@pytest.mark.parametrize("on_gpu", [True, False])
+def test_widths_follow_the_run_shapes_once_each(on_gpu):
+    widths = parse_shapes(WIDTH_SHAPES)
+    default = parse_shapes(GPU_SHAPES if on_gpu else CPU_SHAPES)
+    assert run_shapes(None, False, on_gpu) == default
+    with_widths = run_shapes(None, True, on_gpu)
+    assert with_widths[: len(default)] == default
+    assert with_widths[len(default) :] == [w for w in widths if w not in default]
+    assert len(set(with_widths)) == len(with_widths)
+    given = [Shape(2, 8), Shape(4096, 7168)]  # a width given first keeps its place
+    assert run_shapes("2x8,4096x7168,2x8", True, on_gpu) == given + [
+        w for w in widths if w != Shape(4096, 7168)
+    ]
+    with pytest.raises(ValueError, match="shape"):
+        run_shapes("4096", True, on_gpu)
+
+
+def test_main_runs_the_widths(monkeypatch, tmp_path):
+    from bench import runner
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen["shapes"] = [s.name for s in cfg.shapes]
+        raise SystemExit(0)  # stop before timing anything
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    with pytest.raises(SystemExit):
+        main(["--quick", "--shapes", "4x64,4096x5120", "--widths", "--out", str(tmp_path)])
+    assert seen["shapes"] == ["4x64", "4096x5120"] + [s for s in WIDTH_SHAPES if s != "4096x5120"]
 
 
 def test_bad_arguments_exit_2():

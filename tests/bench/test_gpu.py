@@ -5,7 +5,10 @@
 - ``python -m bench --quick`` at one real shape: every available implementation gets a
   cold and a warm device time, JAX through CUPTI with the flush kernel separated, and
   the JSON conforms. Timings are printed (run with -s), not asserted;
-- the default output folder is this card's own, ``bench/results/<card>/``.
+- the default output folder is this card's own, ``bench/results/<card>/``;
+- the torch peers again at a model width that is not a power of two, and quack at bf16:
+  its forward within 1 ulp of float64, its fused h the contract's (x + r rounded once) and
+  its fused y within 1 ulp of float64 of the unrounded fp32 sum, as its op note says.
 """
 
 import json
@@ -16,11 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import impls, report
 from bench.shapes import Shape
+from tests.numerics.ulp import ulp_error
 
-from .test_impls import check_jax_peer, check_torch_peer
+from .test_impls import EPS, check_jax_peer, check_torch_peer
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +44,38 @@ def _gpu_impls(framework):
 @pytest.mark.parametrize("impl", _gpu_impls("torch"), ids=lambda i: i.name)
 def test_torch_peers_on_gpu(impl):
     check_torch_peer(impl, SHAPE, "cuda", seed=5)
+
+
+@pytest.mark.parametrize("impl", _gpu_impls("torch"), ids=lambda i: i.name)
+def test_torch_peers_at_a_model_width_on_gpu(impl):
+    check_torch_peer(impl, Shape(256, 3584), "cuda", seed=6)  # 3584 = 7 * 512
+
+
+def _f64_rmsnorm(h, w):
+    """float64 y of rows ``h`` (M, N) and weight ``w`` (N,), any float inputs."""
+    h, w = h.double(), w.double()
+    return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + EPS) * w
+
+
+@pytest.mark.parametrize("impl", [p for p in _gpu_impls("torch") if p.values[0].name == "quack"])
+def test_quack_bf16_rounds_as_its_op_notes_say(impl):
+    shape = Shape(512, 7168)
+    x, w = impls.torch_inputs("fwd", shape, "bf16", "cuda", seed=7)
+    y = impl.build("fwd", EPS)(x, w)
+    assert y.dtype == torch.bfloat16
+    assert ulp_error(y.cpu(), _f64_rmsnorm(x, w).cpu(), torch.bfloat16).max() <= 1.0
+    x, r, w = impls.torch_inputs("fused", shape, "bf16", "cuda", seed=7)
+    y, h = impl.build("fused", EPS)(x, r, w)
+    assert h.dtype == y.dtype == torch.bfloat16
+    assert torch.equal(h, (x.float() + r.float()).to(torch.bfloat16))  # one rounding of x + r
+    unrounded = _f64_rmsnorm(x.double() + r.double(), w).cpu()
+    assert ulp_error(y.cpu(), unrounded, torch.bfloat16).max() <= 1.0
+    # Where normalizing the unrounded sum and normalizing h round to different bf16 values,
+    # quack's y is the former's (only fp32 error near a rounding midpoint can say otherwise).
+    from_sum, from_h = unrounded.to(torch.bfloat16), _f64_rmsnorm(h, w).cpu().to(torch.bfloat16)
+    apart = from_sum != from_h
+    assert apart.sum() > 1000  # enough elements to tell the two apart
+    assert (y.cpu()[apart] == from_sum[apart]).float().mean() >= 0.99
 
 
 @pytest.mark.parametrize("impl", _gpu_impls("jax"), ids=lambda i: i.name)

@@ -5,11 +5,15 @@ every implementation must agree to ~fp32 rounding): y and h within 1e-5 relative
 dx, dw within 1e-5 relative of their largest entry. Missing peers must say why.
 """
 
+import sys
+
 import numpy as np
 import pytest
 
-from bench import impls
-from bench.shapes import Shape
+from bench import impls, runner
+from bench.shapes import OPS, Shape
+
+from . import fakes
 
 SHAPE = Shape(8, 64)
 EPS = 1e-6
@@ -140,3 +144,63 @@ def test_select():
         impls.select("torch_eager,cudnn")
     assert {i.framework for i in impls.REGISTRY} == {"torch", "jax"}
     assert [i.name for i in impls.REGISTRY if i.project] == ["accel_torch", "accel_jax"]
+
+
+# ------------------------------------------------------------------------------ quack
+
+
+def test_quack_is_a_cuda_only_torch_peer_reported_missing_when_absent(monkeypatch):
+    quack = impls.BY_NAME["quack"]
+    assert (quack.label, quack.framework, quack.project, quack.needs_cuda) == (
+        "quack",
+        "torch",
+        False,
+        True,
+    )
+    monkeypatch.setitem(sys.modules, "quack", None)  # absent, even where it is installed
+    want = "quack-kernels not installed: pip install quack-kernels (CUDA, Hopper or newer)"
+    assert quack.check() == want
+    assert quack.unavailable(on_gpu=True) == want
+    assert quack.unavailable(on_gpu=False) == want
+
+
+def test_quack_installed_runs_every_op_through_its_api(monkeypatch):
+    calls = fakes.fake_quack(monkeypatch)
+    quack = impls.BY_NAME["quack"]
+    assert quack.check() is None
+    assert quack.unavailable(on_gpu=True) is None
+    assert "CUDA GPU" in quack.unavailable(on_gpu=False)
+    assert all(quack.op_unavailable(op) is None for op in OPS)
+    check_torch_peer(quack, SHAPE, "cpu", seed=4)  # fwd, fused, fwdbwd against float64
+    fwd, fused, fwdbwd_fwd = calls
+    base = dict(bias=None, out_dtype=None, residual_dtype=None, eps=EPS, weight_offset=0.0)
+    assert fwd == {**base, "residual": None, "prenorm": False}
+    assert fused["residual"] is not None and fused["prenorm"] is True
+    assert {k: fused[k] for k in base} == base
+    assert fwdbwd_fwd == fwd
+
+
+def test_quack_says_how_its_math_differs_from_the_contract():
+    quack = impls.BY_NAME["quack"]
+    entry = runner.impl_entry(quack, None)
+    assert set(entry["op_notes"]) == set(OPS)
+    assert "fast-math" in entry["op_notes"]["fwd"]
+    assert "not h rounded to x's dtype" in entry["op_notes"]["fused"]
+    assert "fast-math" in quack.description and "unrounded fp32 x + r" in quack.description
+    for name in ("torch_eager", "torch_rms_norm", "accel_torch", "jax_xla"):
+        assert runner.impl_entry(impls.BY_NAME[name], None)["op_notes"] == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (RuntimeError("CUDA DSL: no device"), "RuntimeError: CUDA DSL: no device"),
+        # a dependency missing is a broken install, not quack missing
+        (ModuleNotFoundError("No module named 'cutlass'", name="cutlass"), "'cutlass'"),
+    ],
+)
+def test_quack_broken_install_reports_its_error(monkeypatch, error, says):
+    fakes.broken_package(monkeypatch, "quack", error)
+    reason = impls.BY_NAME["quack"].check()
+    assert reason.startswith("quack-kernels failed to import: ") and says in reason, reason
+    assert "not installed" not in reason

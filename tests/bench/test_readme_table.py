@@ -12,6 +12,9 @@ import pytest
 
 from bench.readme_table import README, RESULTS_JSON, readme_block, readme_section
 
+from .fakes import synthetic_results
+from .test_report import WIDE
+
 
 @pytest.fixture(scope="module")
 def results():
@@ -101,3 +104,15 @@ def test_readme_is_what_the_generator_writes(results):
     assert readme_block(README.read_text()) == readme_section(results), (
         "run: python -m bench.readme_table"
     )
+
+
+def test_section_has_a_row_per_shape_and_says_how_peers_differ():
+    res = synthetic_results(shapes=WIDE)
+    section = readme_section(res)
+    sections = _sections(section)
+    for op in res["ops"]:
+        tables = sections[f"{op}: {res['op_titles'][op]}"]
+        assert len(tables) == 2
+        for _, (_, _, *rows) in tables:
+            assert [r[0] for r in rows] == list(WIDE)
+    assert "- differs: quack fused: y normalizes the fp32 sum x + r" in section

@@ -6,8 +6,12 @@ import math
 import pytest
 
 from bench import report
+from bench.shapes import WIDTH_SHAPES
 
-from .fakes import synthetic_results
+from .fakes import SHAPES, synthetic_results
+
+# The default fakes' shapes followed by the model widths: 8 shapes, not the usual 2.
+WIDE = tuple(SHAPES.split(",")) + WIDTH_SHAPES
 
 
 @pytest.fixture(params=["cuda", "cpu"])
@@ -125,9 +129,11 @@ def test_plot_series_is_ours_and_the_fastest_peer_of_each_framework():
     assert len(series["accel_jax"]) == len(res["shapes"])
 
 
-def test_figure_shapes_are_categories_with_an_x_label(results):
+@pytest.mark.parametrize("shapes", [SHAPES, WIDE], ids=["2 shapes", "8 shapes"])
+def test_figure_shapes_are_categories_with_an_x_label(results, shapes):
     import matplotlib.pyplot as plt
 
+    results = synthetic_results(results["device"]["kind"], shapes)
     fig = report.figure(results)
     try:
         axes = fig.axes
@@ -139,3 +145,30 @@ def test_figure_shapes_are_categories_with_an_x_label(results):
             assert any(list(line.get_ydata()) == [100, 100] for line in ax.get_lines())
     finally:
         plt.close(fig)
+
+
+def test_peer_math_differences_are_said_beside_the_numbers(results):
+    text, md = report.text_report(results), report.markdown_report(results)
+    note = "differs: quack fused: y normalizes the fp32 sum x + r, not h rounded"
+    assert note in text
+    assert "## Implementations" in md and "  - differs (fused): y normalizes the fp32 sum" in md
+    assert "- `liger` (liger, torch): " in md and "  - missing: liger_kernel" in md
+    results["impls"] = [d for d in results["impls"] if d["name"] != "quack"]
+    assert "differs:" not in report.text_report(results)  # the other peers follow the contract
+
+
+def test_every_output_has_a_row_per_shape_with_the_widths(tmp_path):
+    res = synthetic_results(shapes=WIDE)
+    assert res["shapes"] == list(WIDE) and report.validate(res) == []
+    for op in res["ops"]:
+        for table in (report.time_table, report.gbps_table, report.speedup_table):
+            _, rows = table(res, op, "cold")
+            assert [r[0] for r in rows] == list(WIDE)
+            assert all("-" not in r[-1] for r in rows), rows  # accel_jax timed at every shape
+        assert all(len(v) == len(WIDE) for v in report.plot_series(res, op, "warm").values())
+    assert [r[0] for r in report.memory_table(res)[1]] == list(WIDE)
+    md = report.markdown_report(res)
+    assert all(md.count(f"| {s} |") == 3 * 2 * 3 + 1 for s in WIDE)  # 3 ops x 2 modes x 3, memory
+    paths = report.write_all(res, tmp_path)
+    assert json.loads(paths["json"].read_text())["shapes"] == list(WIDE)
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@ from bench.shapes import (
     CPU_SHAPES,
     GPU_SHAPES,
     OPS,
+    WIDTH_SHAPES,
     Shape,
     bytes_moved,
     copy_words,
@@ -13,6 +14,7 @@ from bench.shapes import (
     parse_ops,
     parse_shape,
     parse_shapes,
+    unique_shapes,
 )
 
 
@@ -82,3 +84,18 @@ def test_parse_shapes_and_ops():
         parse_shapes(" , ")
     with pytest.raises(ValueError, match="unknown ops"):
         parse_ops("fwd,bwd")
+
+
+def test_width_shapes_are_4096_rows_of_model_widths():
+    widths = parse_shapes(WIDTH_SHAPES)
+    assert [(s.rows, s.hidden) for s in widths] == [
+        (4096, n) for n in (3072, 3584, 4608, 5120, 6144, 7168)
+    ]
+    # two of them are in the default table already
+    assert [s for s in widths if s.name in GPU_SHAPES] == [Shape(4096, 5120), Shape(4096, 7168)]
+
+
+def test_unique_shapes_keeps_the_first_of_each_in_order():
+    a, b, c = Shape(1, 2), Shape(3, 4), Shape(5, 6)
+    assert unique_shapes([b, a, b], [c, a]) == [b, a, c]
+    assert unique_shapes([a], []) == [a] and unique_shapes() == []
