@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import sys
 import tempfile
@@ -152,6 +153,7 @@ def run(cfg: configs.RunConfig, device: str, trace_dir: Path, log) -> list[dict]
         if why is None:
             import torch
 
+            gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()  # give the torch models' memory back for JAX
             from bench.model import transformer_nnx

@@ -188,17 +188,22 @@ def run(cfg: RunConfig, log: Callable[[str], None], outputs: dict | None = None)
             del grads
             # XLA's memory analysis (a second compile): only where it means device memory.
             rec["peak_bytes"] = jax_timing.peak_bytes(f, (params, ids)) if on_gpu else None
+            cupti_error = None
             if measure is not None:
-                per_call = jax_timing.call_records(measure, jax.jit(f), (params, ids), cfg.steps)
-                rec["step_ms"] = median(jax_timing.call_us(per_call)) / 1e3
-                rec["timing"] = jax_timing.WARM_METHOD.replace("(us)", "(ms)")
-                rec["profile"] = _kernel_share(per_call, variant)
-            else:
+                try:
+                    per_call = jax_timing.call_records(measure, jitted, (params, ids), cfg.steps)
+                    rec["step_ms"] = median(jax_timing.call_us(per_call)) / 1e3
+                    rec["timing"] = jax_timing.WARM_METHOD.replace("(us)", "(ms)")
+                    rec["profile"] = _kernel_share(per_call, variant)
+                except Exception as e:  # then wall-clock, saying why
+                    cupti_error = error_text(e)
+            if "step_ms" not in rec:
                 from bench import timing
 
                 call = functools.partial(_blocking_call, jitted, params, ids)
                 rec["step_ms"] = timing.cpu_wall_us(call, min_calls=cfg.steps, budget_s=0.0) / 1e3
-                rec["timing"] = timing.CPU_METHOD if not on_gpu else f"wall clock ({why_not})"
+                why = cupti_error or why_not
+                rec["timing"] = timing.CPU_METHOD if not on_gpu else f"wall clock ({why})"
             rec["status"] = "ok"
         except Exception as e:  # recorded; the run goes on with the next variant
             rec.update(status="error", reason=error_text(e))
