@@ -21,7 +21,10 @@ import triton.language as tl
 MAX_BLOCK_N = 16384  # largest row kept whole in registers
 LOOP_BLOCK_N = 8192  # chunk of the looped path
 BWD_MAX_BLOCK_N = 8192  # widest backward block (a wider one spills registers)
+BWD_COLUMN_ROWS = 512  # up to this many rows, the backward sums dweight by column programs
+BWD_DW_COLS, BWD_DW_ROWS = 64, 32  # their tile
 FWD_MIN_ELEMS = 1024  # narrower rows go several to a forward program
+FWD_PARTS = True  # forward rows as power-of-two parts (else one block padded to a power of two)
 
 
 @triton.jit
@@ -57,6 +60,52 @@ def _f32(x, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _fwd_part_load(
+    X, R, W, H, rows, row_mask, stride_x, stride_r, stride_h, off, N, weight_offset,
+    PART: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    EARLY_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr,
+):  # fmt: skip
+    """Columns [off, off + PART) of the given rows: x in fp32 (the fused op: h = round(x + r),
+    stored, in fp32), and the weight of those columns when EARLY_WEIGHT (else 0)."""
+    cols = off + tl.arange(0, PART)
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    w = 0.0
+    if HAS_WEIGHT and EARLY_WEIGHT:
+        w = _f32(tl.load(W + cols, mask=col_mask, other=0.0), SOFT_BF16) + weight_offset
+    x = _f32(tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0), SOFT_BF16)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        h = _round(x + _f32(r, SOFT_BF16), H.dtype.element_ty, SOFT_BF16)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = _f32(h, SOFT_BF16)
+    return x, w
+
+
+@triton.jit
+def _fwd_part_store(
+    W, Y, NORM, x, w, rstd, rows, row_mask, stride_y, off, N, weight_offset,
+    PART: tl.constexpr, HAS_WEIGHT: tl.constexpr, LLAMA: tl.constexpr,
+    EARLY_WEIGHT: tl.constexpr, SOFT_BF16: tl.constexpr,
+):  # fmt: skip
+    """Store y of columns [off, off + PART) of the given rows; x, w from _fwd_part_load.
+    NORM: the normalized tensor (x, or the fused op's h), whose dtype "llama" rounds to."""
+    cols = off + tl.arange(0, PART)
+    col_mask = cols < N
+    y = x * rstd[:, None]
+    if HAS_WEIGHT:
+        if not EARLY_WEIGHT:
+            w = _f32(tl.load(W + cols, mask=col_mask, other=0.0), SOFT_BF16) + weight_offset
+        if LLAMA:
+            y = _f32(_round(y, NORM.dtype.element_ty, SOFT_BF16), SOFT_BF16) * w[None, :]
+        else:  # x * (rstd * w): one rounding into fp32's subnormal range, not two
+            y = x * (rstd[:, None] * w[None, :])
+    y = _round(y, Y.dtype.element_ty, SOFT_BF16)
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
+
+
+@triton.jit
 def rmsnorm_fwd_kernel(
     X, R, W, Y, H, RSTD,
     stride_x, stride_r, stride_y, stride_h,
@@ -64,45 +113,63 @@ def rmsnorm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,  # fused op: normalize h = round(x + r), and store h
     HAS_WEIGHT: tl.constexpr,
     LLAMA: tl.constexpr,  # round x*rstd to the normalized tensor's dtype before the weight
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # the row's first part (looped: its chunk)
+    BLOCK_N1: tl.constexpr,  # its second and third parts (0: none), after BLOCK_N
+    BLOCK_N2: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program (1 when LOOPED)
     LOOPED: tl.constexpr,
     SOFT_BF16: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,  # load w before x: its latency overlaps x's, not the sum's
 ):  # fmt: skip
     """Program p normalizes rows [p * ROWS, (p + 1) * ROWS): y = x * rstd * w,
-    rstd = 1/sqrt(mean(x^2) + eps)."""
+    rstd = 1/sqrt(mean(x^2) + eps).
+
+    Not LOOPED, a row is held in registers as up to three parts of power-of-two widths
+    (BLOCK_N, BLOCK_N1, BLOCK_N2), e.g. 5120 = 4096 + 1024: exact for the widths models use,
+    where one block padded to the next power of two would leave lanes idle.
+    """
     pid = tl.program_id(0).to(tl.int64)
     norm_dtype = H.dtype.element_ty if HAS_RESIDUAL else X.dtype.element_ty
-    cols = tl.arange(0, BLOCK_N)
 
     if not LOOPED:
+        NORM = H if HAS_RESIDUAL else X
         rows = pid * ROWS + tl.arange(0, ROWS)
         row_mask = rows < M
-        col_mask = cols < N
-        mask = row_mask[:, None] & col_mask[None, :]
-        if HAS_WEIGHT and EARLY_WEIGHT:
-            w = _f32(tl.load(W + cols, mask=col_mask, other=0.0), SOFT_BF16) + weight_offset
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        x = _f32(x, SOFT_BF16)
-        if HAS_RESIDUAL:
-            r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-            h = _round(x + _f32(r, SOFT_BF16), norm_dtype, SOFT_BF16)
-            tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
-            x = _f32(h, SOFT_BF16)
-        rstd = _rstd(tl.sum(x * x, axis=1), N, eps)
+        x0, w0 = _fwd_part_load(
+            X, R, W, H, rows, row_mask, stride_x, stride_r, stride_h, 0, N, weight_offset,
+            BLOCK_N, HAS_RESIDUAL, HAS_WEIGHT, EARLY_WEIGHT, SOFT_BF16,
+        )  # fmt: skip
+        sum_sq = tl.sum(x0 * x0, axis=1)
+        if BLOCK_N1 > 0:
+            x1, w1 = _fwd_part_load(
+                X, R, W, H, rows, row_mask, stride_x, stride_r, stride_h, BLOCK_N, N,
+                weight_offset, BLOCK_N1, HAS_RESIDUAL, HAS_WEIGHT, EARLY_WEIGHT, SOFT_BF16,
+            )  # fmt: skip
+            sum_sq += tl.sum(x1 * x1, axis=1)
+        if BLOCK_N2 > 0:
+            x2, w2 = _fwd_part_load(
+                X, R, W, H, rows, row_mask, stride_x, stride_r, stride_h, BLOCK_N + BLOCK_N1, N,
+                weight_offset, BLOCK_N2, HAS_RESIDUAL, HAS_WEIGHT, EARLY_WEIGHT, SOFT_BF16,
+            )  # fmt: skip
+            sum_sq += tl.sum(x2 * x2, axis=1)
+        rstd = _rstd(sum_sq, N, eps)
         tl.store(RSTD + rows, rstd, mask=row_mask)
-        y = x * rstd[:, None]
-        if HAS_WEIGHT:
-            if not EARLY_WEIGHT:
-                w = _f32(tl.load(W + cols, mask=col_mask, other=0.0), SOFT_BF16) + weight_offset
-            if LLAMA:
-                y = _f32(_round(y, norm_dtype, SOFT_BF16), SOFT_BF16) * w[None, :]
-            else:  # x * (rstd * w): one rounding into fp32's subnormal range, not two
-                y = x * (rstd[:, None] * w[None, :])
-        y = _round(y, Y.dtype.element_ty, SOFT_BF16)
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
+        _fwd_part_store(
+            W, Y, NORM, x0, w0, rstd, rows, row_mask, stride_y, 0, N, weight_offset,
+            BLOCK_N, HAS_WEIGHT, LLAMA, EARLY_WEIGHT, SOFT_BF16,
+        )  # fmt: skip
+        if BLOCK_N1 > 0:
+            _fwd_part_store(
+                W, Y, NORM, x1, w1, rstd, rows, row_mask, stride_y, BLOCK_N, N, weight_offset,
+                BLOCK_N1, HAS_WEIGHT, LLAMA, EARLY_WEIGHT, SOFT_BF16,
+            )  # fmt: skip
+        if BLOCK_N2 > 0:
+            _fwd_part_store(
+                W, Y, NORM, x2, w2, rstd, rows, row_mask, stride_y, BLOCK_N + BLOCK_N1, N,
+                weight_offset, BLOCK_N2, HAS_WEIGHT, LLAMA, EARLY_WEIGHT, SOFT_BF16,
+            )  # fmt: skip
     else:
+        cols = tl.arange(0, BLOCK_N)
         X += pid * stride_x
         Y += pid * stride_y
         if HAS_RESIDUAL:
@@ -214,10 +281,37 @@ def _bwd_chunk_dx(
 
 
 @triton.jit
+def _bwd_dweight_columns(
+    DY, X, RSTD, DW, stride_dy, stride_x, M, N, block,
+    DW_ROWS: tl.constexpr, DW_COLS: tl.constexpr, SOFT_BF16: tl.constexpr,
+):  # fmt: skip
+    """DW[cols] = sum over all rows of dy * (x * rstd) for the block-th DW_COLS columns,
+    the rows taken DW_ROWS at a time in a fixed order (deterministic)."""
+    cols = block * DW_COLS + tl.arange(0, DW_COLS)
+    col_mask = cols < N
+    acc = tl.zeros([DW_ROWS, DW_COLS], dtype=tl.float32)
+    for r0 in range(0, M, DW_ROWS):
+        rows = r0 + tl.arange(0, DW_ROWS)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows = rows.to(tl.int64)
+        x = _f32(
+            tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0), SOFT_BF16
+        )
+        dy = _f32(
+            tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0), SOFT_BF16
+        )
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        acc += dy * (x * rstd[:, None])
+    dw = tl.sum(acc, axis=0)
+    tl.store(DW + cols, _round(dw, DW.dtype.element_ty, SOFT_BF16), mask=col_mask)
+
+
+@triton.jit
 def rmsnorm_bwd_kernel(
     DY, X, W, RSTD, DH, DX, DRES, DW_PARTIAL,
     stride_dy, stride_x, stride_dh, stride_dx, stride_dres,
-    M, N, weight_offset,
+    M, N, G, weight_offset,
     HAS_WEIGHT: tl.constexpr,
     HAS_DH: tl.constexpr,  # fused op: add the gradient that reached h directly
     STORE_DRES: tl.constexpr,  # fused op with residual in another dtype than x: write it too
@@ -225,14 +319,45 @@ def rmsnorm_bwd_kernel(
     CHUNKS: tl.constexpr,  # 1: the row is one block; 2: two blocks; 0: any number (looped)
     SOFT_BF16: tl.constexpr,
     PREFETCH: tl.constexpr,  # load the next row (its first chunk) before this row's sum
+    DW_COLS: tl.constexpr,  # 0: dweight by partials (below); else by column programs
+    DW_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Persistent programs: program p takes rows p, p+G, ... and accumulates its share of
-    dweight in fp32, written to row p of DW_PARTIAL (G, N) for a deterministic reduction.
+    """Persistent programs: program p < G takes rows p, p+G, ...
 
     dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd.
+    dweight, in fp32, deterministically: with DW_COLS = 0 each row program accumulates its
+    share, written to row p of DW_PARTIAL (G, N) for dweight_reduce_kernel; with DW_COLS > 0
+    (few rows: one launch instead of two) programs G, G+1, ... each sum a block of DW_COLS
+    columns over all rows, reading x and dy again (mostly from L2), into DW_PARTIAL = DW (N,).
     """
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
+    if pid >= G:
+        if DW_COLS > 0:
+            _bwd_dweight_columns(
+                DY, X, RSTD, DW_PARTIAL, stride_dy, stride_x, M, N, pid - G,
+                DW_ROWS, DW_COLS, SOFT_BF16,
+            )  # fmt: skip
+    else:
+        _bwd_rows(
+            DY, X, W, RSTD, DH, DX, DRES, DW_PARTIAL,
+            stride_dy, stride_x, stride_dh, stride_dx, stride_dres,
+            M, N, G, weight_offset, pid,
+            HAS_WEIGHT, HAS_WEIGHT and DW_COLS == 0, HAS_DH, STORE_DRES, BLOCK_N, CHUNKS,
+            SOFT_BF16, PREFETCH,
+        )  # fmt: skip
+
+
+@triton.jit
+def _bwd_rows(
+    DY, X, W, RSTD, DH, DX, DRES, DW_PARTIAL,
+    stride_dy, stride_x, stride_dh, stride_dx, stride_dres,
+    M, N, num_programs, weight_offset, pid,
+    HAS_WEIGHT: tl.constexpr, ROW_DW: tl.constexpr, HAS_DH: tl.constexpr,
+    STORE_DRES: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    SOFT_BF16: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """Row program pid of num_programs (see rmsnorm_bwd_kernel); ROW_DW: accumulate dweight
+    partials into row pid of DW_PARTIAL."""
     cols = tl.arange(0, BLOCK_N)
     DW_PARTIAL += pid.to(tl.int64) * N
     n_rows = tl.cdiv(M - pid, num_programs)
@@ -269,9 +394,9 @@ def rmsnorm_bwd_kernel(
                     _round(dx, DRES.dtype.element_ty, SOFT_BF16),
                     mask=mask,
                 )
-            if HAS_WEIGHT:
+            if ROW_DW:
                 dw_acc += dy * xhat
-        if HAS_WEIGHT:
+        if ROW_DW:
             tl.store(DW_PARTIAL + cols, dw_acc, mask=mask)
     else:
         # Each row is walked in chunks twice: sum(g * x), then dx (the second pass mostly
@@ -327,11 +452,11 @@ def rmsnorm_bwd_kernel(
                         off, cols, N, rstd, c, weight_offset,
                         HAS_WEIGHT, HAS_DH, STORE_DRES, SOFT_BF16,
                     )  # fmt: skip
-                    if HAS_WEIGHT:
+                    if ROW_DW:
                         mask = off + cols < N
                         p = tl.load(DW_PARTIAL + off + cols, mask=mask, other=0.0)
                         tl.store(DW_PARTIAL + off + cols, p + dw, mask=mask)
-        if HAS_WEIGHT and CHUNKS == 2:
+        if ROW_DW and CHUNKS == 2:
             tl.store(DW_PARTIAL + cols, dw_lo)
             tl.store(DW_PARTIAL + BLOCK_N + cols, dw_hi, mask=BLOCK_N + cols < N)
 
@@ -368,9 +493,24 @@ def row_num_warps(block_n: int) -> int:
     return max(1, min(16, block_n // 512))
 
 
-def fwd_launch(m: int, n: int) -> tuple[int, int, bool, int, bool]:
-    """(BLOCK_N, ROWS, LOOPED, num_warps, EARLY_WEIGHT) of the forward kernel for m rows of
-    n elements.
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def row_parts(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_N1, BLOCK_N2): a row of n <= MAX_BLOCK_N elements as up to three
+    power-of-two parts, the largest first; only the last may reach past n (e.g. 5120:
+    4096 + 1024; 7168: 4096 + 2048 + 1024; 1000: 512 + 256 + 256)."""
+    b0 = _pow2_floor(n)
+    rest = n - b0
+    b1 = _pow2_floor(rest) if rest else 0
+    rest -= b1
+    return b0, b1, (1 << (rest - 1).bit_length()) if rest else 0
+
+
+def fwd_launch(m: int, n: int) -> tuple[tuple[int, int, int], int, bool, int, bool]:
+    """((BLOCK_N, BLOCK_N1, BLOCK_N2), ROWS, LOOPED, num_warps, EARLY_WEIGHT) of the forward
+    kernel for m rows of n elements.
 
     A program holds at least FWD_MIN_ELEMS elements: rows narrower than that go several to
     a program (H100, 65536x256: 41.1 us with one row, 24.9 with four; copy 24.2). The weight
@@ -379,8 +519,11 @@ def fwd_launch(m: int, n: int) -> tuple[int, int, bool, int, bool]:
     92 -> 101 us). bench/NOTES.md has the sweeps.
     """
     block_n, looped = row_block(n)
-    rows = 1 if looped else max(1, FWD_MIN_ELEMS // block_n)
-    return block_n, rows, looped, row_num_warps(block_n * rows), block_n <= 4096
+    if looped:
+        return (block_n, 0, 0), 1, True, row_num_warps(block_n), False
+    rows = max(1, FWD_MIN_ELEMS // block_n)
+    parts = row_parts(n) if FWD_PARTS else (block_n, 0, 0)
+    return parts, rows, False, row_num_warps(block_n * rows), block_n <= 4096
 
 
 @functools.cache
@@ -388,14 +531,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def bwd_launch(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_N, CHUNKS, programs, num_warps, PREFETCH) of the persistent backward kernel
-    for m rows of n elements.
+def bwd_launch(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, bool, int]:
+    """(BLOCK_N, CHUNKS, programs, num_warps, PREFETCH, DW_COLS) of the persistent backward
+    kernel for m rows of n elements (programs: its row programs).
 
     Layout: one block up to BWD_MAX_BLOCK_N; two (dweight halves in registers) up to twice
     that; beyond, looped. Programs per SM fall as blocks grow wider (each keeps a
     block-wide fp32 dweight accumulator). Prefetching the next row (its first chunk, with
-    two) pays where its registers fit: not at 16384 columns. H100 sweeps: bench/NOTES.md.
+    two) pays where its registers fit: not at 16384 columns. Up to BWD_COLUMN_ROWS rows,
+    dweight is summed by column programs of the same launch (DW_COLS columns each) instead
+    of per-program partials and a second kernel. Sweeps: bench/NOTES.md.
     """
     if n <= BWD_MAX_BLOCK_N:
         block_n, chunks = 1 << (n - 1).bit_length(), 1
@@ -408,4 +553,6 @@ def bwd_launch(m: int, n: int, device: torch.device) -> tuple[int, int, int, int
         sms = 4
     per_sm = max(1, min(8, 8192 // block_n))
     prefetch = chunks == 1 or (chunks == 2 and 2 * n <= 3 * BWD_MAX_BLOCK_N)
-    return block_n, chunks, max(1, min(m, per_sm * sms)), row_num_warps(block_n), prefetch
+    dw_cols = BWD_DW_COLS if m <= BWD_COLUMN_ROWS else 0
+    programs = max(1, min(m, per_sm * sms))
+    return block_n, chunks, programs, row_num_warps(block_n), prefetch, dw_cols

@@ -14,12 +14,18 @@ except ImportError:  # CPU-only torch, macOS: the ops use the reference math ins
     triton = None
 else:
     from .kernels import (
+        BWD_DW_ROWS,
         bwd_launch,
         dweight_reduce_kernel,
         fwd_launch,
         rmsnorm_bwd_kernel,
         rmsnorm_fwd_kernel,
     )
+    from .launcher import Launcher
+
+    _fwd = Launcher(rmsnorm_fwd_kernel)
+    _bwd = Launcher(rmsnorm_bwd_kernel)
+    _reduce = Launcher(dweight_reduce_kernel)
 
 NO_TRITON = (
     "accel_torch's kernels need Triton, which is not installed: install it (pip install "
@@ -91,21 +97,16 @@ def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
     else:
         r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
     weight = _dense(weight)
-    block_n, rows, looped, num_warps, early_weight = fwd_launch(m, n)
-    rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
-        x2, r2, weight if weight is not None else x2, y.view(m, n), h2, rstd.view(m),
-        _row_stride(x2), _row_stride(r2), n, n,
-        m, n, eps, weight_offset,
-        HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None,
-        LLAMA=llama,
-        BLOCK_N=block_n,
-        ROWS=rows,
-        LOOPED=looped,
-        SOFT_BF16=_config.SOFT_BF16,
-        EARLY_WEIGHT=early_weight,
-        num_warps=num_warps,
-    )  # fmt: skip
+    parts, rows, looped, num_warps, early_weight = fwd_launch(m, n)
+    has_residual, has_weight = residual is not None, weight is not None
+    _fwd(
+        (m + rows - 1) // rows,
+        (x2, r2, weight if has_weight else x2, y.view(m, n), h2, rstd.view(m)),
+        (_row_stride(x2), _row_stride(r2), n, n, m, n),
+        (eps, weight_offset),
+        (has_residual, has_weight, llama, *parts, rows, looped, _config.SOFT_BF16, early_weight),
+        num_warps,
+    )
     return y, h, rstd
 
 
@@ -126,28 +127,34 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
         return dx, dres, dweight.zero_() if dweight is not None else None
     dh2 = rows_view(dh) if dh is not None else dy2
     weight, rstd = _dense(weight), _dense(rstd.reshape(m))
-    block_n, chunks, programs, num_warps, prefetch = bwd_launch(m, n, x.device)
-    # The looped kernel accumulates into its row of partial, so it must start at zero.
-    looped = chunks == 0
-    partial = (x.new_zeros if looped else x.new_empty)((programs, n), dtype=torch.float32)
-    rmsnorm_bwd_kernel[(programs,)](
-        dy2, x2, weight if weight is not None else x2, rstd, dh2, dx.view(m, n),
-        dres.view(m, n) if dres_dtype is not None else dy2, partial,
-        _row_stride(dy2), _row_stride(x2), _row_stride(dh2), n, n,
-        m, n, weight_offset,
-        HAS_WEIGHT=weight is not None,
-        HAS_DH=dh is not None,
-        STORE_DRES=dres_dtype is not None,
-        BLOCK_N=block_n,
-        CHUNKS=chunks,
-        SOFT_BF16=_config.SOFT_BF16,
-        PREFETCH=prefetch,
-        num_warps=num_warps,
+    block_n, chunks, programs, num_warps, prefetch, dw_cols = bwd_launch(m, n, x.device)
+    has_weight, has_dh, store_dres = weight is not None, dh is not None, dres_dtype is not None
+    dw_cols = dw_cols if has_weight else 0
+    if dw_cols:  # dweight summed by column programs of the same launch
+        partial, grid = dweight, programs + (n + dw_cols - 1) // dw_cols
+    else:  # the looped kernel adds into its row of partial, so that starts at zero
+        alloc = x.new_zeros if chunks == 0 else x.new_empty
+        partial, grid = (
+            alloc((programs, n) if has_weight else _EMPTY, dtype=torch.float32),
+            programs,
+        )
+    _bwd(
+        grid,
+        (dy2, x2, weight if has_weight else x2, rstd, dh2, dx.view(m, n),
+         dres.view(m, n) if store_dres else dy2, partial),
+        (_row_stride(dy2), _row_stride(x2), _row_stride(dh2), n, n, m, n, programs),
+        (weight_offset,),
+        (has_weight, has_dh, store_dres, block_n, chunks, _config.SOFT_BF16, prefetch,
+         dw_cols, BWD_DW_ROWS),
+        num_warps,
     )  # fmt: skip
-    if weight is not None:
-        dweight_reduce_kernel[((n + REDUCE_BLOCK_N - 1) // REDUCE_BLOCK_N,)](
-            partial, dweight, programs, n,
-            BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, SOFT_BF16=_config.SOFT_BF16,
-            num_warps=4,
-        )  # fmt: skip
+    if has_weight and not dw_cols:
+        _reduce(
+            (n + REDUCE_BLOCK_N - 1) // REDUCE_BLOCK_N,
+            (partial, dweight),
+            (programs, n),
+            (),
+            (REDUCE_BLOCK_G, REDUCE_BLOCK_N, _config.SOFT_BF16),
+            4,
+        )
     return dx, dres, dweight

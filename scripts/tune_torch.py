@@ -33,13 +33,14 @@ def copy_us(numel_moved, dtype):
     return both(lambda: dst.copy_(src))
 
 
-def fwd(x, w, y, rstd, rows, warps, early):
+def fwd(x, w, y, rstd, parts, rows, looped, warps, early, r=None, h=None):
     m, n = x.shape
-    block_n, looped = kernels.row_block(n)
-    kernels.rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
-        x, x, w, y, y, rstd, n, n, n, n, m, n, 1e-6, 0.0,
-        HAS_RESIDUAL=False, HAS_WEIGHT=True, LLAMA=False, BLOCK_N=block_n, ROWS=rows,
-        LOOPED=looped, SOFT_BF16=_config.SOFT_BF16, EARLY_WEIGHT=early, num_warps=warps,
+    fused = r is not None
+    kernels.rmsnorm_fwd_kernel[((m + rows - 1) // rows,)](
+        x, r if fused else x, w, y, h if fused else y, rstd, n, n, n, n, m, n, 1e-6, 0.0,
+        HAS_RESIDUAL=fused, HAS_WEIGHT=True, LLAMA=False, BLOCK_N=parts[0], BLOCK_N1=parts[1],
+        BLOCK_N2=parts[2], ROWS=rows, LOOPED=looped, SOFT_BF16=_config.SOFT_BF16,
+        EARLY_WEIGHT=early, num_warps=warps,
     )  # fmt: skip
 
 
@@ -47,9 +48,9 @@ def bwd(dy, x, w, rstd, dx, partial, warps, g, prefetch):
     m, n = x.shape
     block_n, chunks, *_ = kernels.bwd_launch(m, n, x.device)
     kernels.rmsnorm_bwd_kernel[(g,)](
-        dy, x, w, rstd, dy, dx, dy, partial, n, n, n, n, n, m, n, 0.0,
+        dy, x, w, rstd, dy, dx, dy, partial, n, n, n, n, n, m, n, g, 0.0,
         HAS_WEIGHT=True, HAS_DH=False, STORE_DRES=False, BLOCK_N=block_n, CHUNKS=chunks,
-        SOFT_BF16=_config.SOFT_BF16, PREFETCH=prefetch, num_warps=warps,
+        SOFT_BF16=_config.SOFT_BF16, PREFETCH=prefetch, DW_COLS=0, DW_ROWS=32, num_warps=warps,
     )  # fmt: skip
 
 
@@ -59,27 +60,106 @@ def line(label, times, copy, default):
     return f" {mark}{label}: cold {tc:.1f} ({cc / tc:.0%}) warm {tw:.1f} ({cw / tw:.0%})"
 
 
-def sweep_fwd(x, w, y, rstd, dtype):
-    m, n = x.shape
-    copy = copy_us(2 * m * n, dtype)
-    default = kernels.fwd_launch(m, n)
+def fwd_layouts(n):
+    """(name, parts, looped) of the forward's row layouts for n columns."""
     block_n, looped = kernels.row_block(n)
+    if looped:
+        return [(f"looped {c}", (c, 0, 0), True) for c in (2048, 4096, 8192)]
+    out = [("padded", (block_n, 0, 0), False)]
+    if kernels.row_parts(n) != (block_n, 0, 0):
+        out.append((f"parts {kernels.row_parts(n)}", kernels.row_parts(n), False))
+    if n >= 2048:
+        out += [(f"looped {c}", (c, 0, 0), True) for c in (1024, 2048) if c < n]
+    return out
+
+
+def sweep_fwd(x, w, y, rstd, dtype, fused=False):
+    m, n = x.shape
+    r = h = None
+    if fused:
+        r, h = torch.randn_like(x), torch.empty_like(x)
+    copy = copy_us((4 if fused else 2) * m * n, dtype)
+    default = kernels.fwd_launch(m, n)
     print(
-        f"fwd {m}x{n}: copy cold {copy[0]:.1f} warm {copy[1]:.1f}; default "
-        f"(BLOCK_N, ROWS, LOOPED, warps, EARLY_WEIGHT) = {default}",
+        f"{'fused' if fused else 'fwd'} {m}x{n}: copy cold {copy[0]:.1f} warm {copy[1]:.1f}; "
+        f"default (parts, ROWS, LOOPED, warps, EARLY_WEIGHT) = {default}",
         flush=True,
     )
-    for rows, warps, early in itertools.product((1, 2, 4), (4, 8, 16, 32), (False, True)):
-        if (looped and rows > 1) or rows * block_n > kernels.MAX_BLOCK_N:
+    for (name, parts, looped), rows, warps, early in itertools.product(
+        fwd_layouts(n), (1, 2), (4, 8, 16), (False, True)
+    ):
+        width = rows * sum(parts)
+        if (looped and (rows > 1 or early)) or width > 2 * kernels.MAX_BLOCK_N:
             continue
-        if rows * block_n < kernels.FWD_MIN_ELEMS or warps * 512 > 2 * rows * block_n:
-            continue  # at least 8 elements per thread
-        times = both(lambda: fwd(x, w, y, rstd, rows, warps, early))
-        is_default = (block_n, rows, looped, warps, early) == default
-        print(
-            line(f"rows={rows} warps={warps} early_weight={early}", times, copy, is_default),
-            flush=True,
-        )
+        if not looped and rows * parts[0] < kernels.FWD_MIN_ELEMS:
+            continue
+        if warps * 32 * 4 > rows * parts[0] or warps * 32 * 64 < width:
+            continue  # 4 to 64 elements per thread
+        times = both(lambda: fwd(x, w, y, rstd, parts, rows, looped, warps, early, r, h))
+        is_default = (parts, rows, looped, warps, early) == default
+        label = f"{name} rows={rows} warps={warps} early_weight={early}"
+        print(line(label, times, copy, is_default), flush=True)
+
+
+def sweep_bwd_dweight(x, w, dtype):
+    """The whole backward (kernels of rmsnorm_bwd_launch) with dweight by partials + a second
+    kernel, or by column programs of tiles DW_ROWS x DW_COLS."""
+    from accel_torch import launch
+
+    m, n = x.shape
+    dy = torch.randn_like(x)
+    _, _, rstd = launch.rmsnorm_fwd_launch(x, None, w, 1e-6, 0.0, False, None)
+    copy = copy_us(3 * m * n, dtype)
+    print(f"bwd dweight {m}x{n}: copy(3MN) cold {copy[0]:.1f} warm {copy[1]:.1f}", flush=True)
+    saved = kernels.BWD_COLUMN_ROWS, kernels.BWD_DW_COLS, launch.BWD_DW_ROWS
+    settings = [("partials", 0, 64, 32)] + [
+        (f"columns {c}x{r}", m, c, r) for c in (32, 64, 128) for r in (16, 32, 64)
+    ]
+    for name, column_rows, cols, rows in settings:
+        kernels.BWD_COLUMN_ROWS, kernels.BWD_DW_COLS, launch.BWD_DW_ROWS = column_rows, cols, rows
+        times = both(lambda: launch.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None))
+        is_default = (column_rows >= m, cols, rows) == (saved[0] >= m, *saved[1:])
+        print(line(name, times, copy, is_default), flush=True)
+    kernels.BWD_COLUMN_ROWS, kernels.BWD_DW_COLS, launch.BWD_DW_ROWS = saved
+
+
+def host_times():
+    """Host us per eager call at 1x4096 bf16: the direct launcher, then Triton's own launch."""
+    import time
+
+    from accel_torch import launch
+
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w, r, dy = (
+        torch.randn(4096, device="cuda", dtype=x.dtype),
+        torch.randn_like(x),
+        torch.randn_like(x),
+    )
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    calls = {
+        "F.rms_norm fwd": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
+        "fwd": lambda: accel_torch.rmsnorm(x, w),
+        "fused": lambda: accel_torch.rmsnorm_residual_fused(x, r, w, return_residual=True),
+        "fwdbwd": lambda: torch.autograd.grad(accel_torch.rmsnorm(xg, wg), (xg, wg), dy),
+        "F.rms_norm fwdbwd": lambda: torch.autograd.grad(
+            torch.nn.functional.rms_norm(xg, (4096,), wg, 1e-6), (xg, wg), dy
+        ),
+    }
+    for direct in (True, False):
+        for launcher in (launch._fwd, launch._bwd, launch._reduce):
+            launcher.direct = direct
+        for name, fn in calls.items():
+            for _ in range(200):
+                fn()
+            torch.cuda.synchronize()
+            best = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(1000):
+                    fn()
+                best.append((time.perf_counter() - t0) / 1000 * 1e6)
+                torch.cuda.synchronize()
+            print(f"host {'direct' if direct else 'triton'} {name}: {min(best):.1f} us", flush=True)
 
 
 def sweep_bwd(x, w, rstd, dtype):
@@ -87,7 +167,7 @@ def sweep_bwd(x, w, rstd, dtype):
     dy, dx = torch.randn_like(x), torch.empty_like(x)
     copy = copy_us(3 * m * n, dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    block_n, chunks, programs, num_warps, prefetch = kernels.bwd_launch(m, n, x.device)
+    block_n, chunks, programs, num_warps, prefetch, _ = kernels.bwd_launch(m, n, x.device)
     print(
         f"bwd {m}x{n} (kernel alone): copy(3MN) cold {copy[0]:.1f} warm {copy[1]:.1f}; "
         f"default (BLOCK_N, CHUNKS, programs, warps, PREFETCH) = "
@@ -122,7 +202,8 @@ def public_fwdbwd(x, w, dtype):
 
 
 def main(argv):
-    ops = [a for a in argv if a in ("fwd", "bwd", "fwdbwd")] or ["fwd", "bwd", "fwdbwd"]
+    ops = [a for a in argv if a in ("fwd", "fused", "bwd", "dweight", "fwdbwd", "host")]
+    ops = ops or ["fwd", "fused", "bwd", "dweight", "fwdbwd", "host"]
     names = [a for a in argv if "x" in a] or list(GPU_SHAPES)
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -132,18 +213,23 @@ def main(argv):
         f"triton={triton.__version__}",
         flush=True,
     )
+    if "host" in ops:
+        host_times()
     for name in names:
         shape = parse_shape(name)
         m, n = shape.rows, shape.hidden
         x = torch.randn(m, n, device="cuda", dtype=dtype)
         w = torch.randn(n, device="cuda", dtype=dtype)
         y, rstd = torch.empty_like(x), torch.empty(m, device="cuda", dtype=torch.float32)
-        _, rows, _, warps, early = kernels.fwd_launch(m, n)
-        fwd(x, w, y, rstd, rows, warps, early)  # rstd for the backward
+        fwd(x, w, y, rstd, *kernels.fwd_launch(m, n)[:4], kernels.fwd_launch(m, n)[4])  # rstd
         if "fwd" in ops:
             sweep_fwd(x, w, y, rstd, dtype)
+        if "fused" in ops:
+            sweep_fwd(x, w, y, rstd, dtype, fused=True)
         if "bwd" in ops:
             sweep_bwd(x, w, rstd, dtype)
+        if "dweight" in ops:
+            sweep_bwd_dweight(x, w, dtype)
         if "fwdbwd" in ops:
             public_fwdbwd(x, w, dtype)
 

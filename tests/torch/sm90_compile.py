@@ -36,27 +36,30 @@ def _variants():
     """(name, kernel, types, constexprs): every combination of layout and option (a
     superset of what the ops launch)."""
     for dtype, residual, weight, llama, layout in itertools.product(
-        ("bf16", "fp32"), (False, True), (False, True), (False, True), ("late", "early", "looped")
-    ):
+        ("bf16", "fp32"), (False, True), (False, True), (False, True),
+        ("late", "early", "looped", "parts"),
+    ):  # fmt: skip
         looped = layout == "looped"
         p = f"*{dtype}"
         types = dict(X=p, R=p, W=p, Y=p, H=p, RSTD="*fp32", stride_x="i32", stride_r="i32")
         types |= dict(stride_y="i32", stride_h="i32", M="i32", N="i32", eps="fp32")
         types |= dict(weight_offset="fp32")
         block, rows = (kernels.LOOP_BLOCK_N, 1) if looped else (4096, 2)
-        const = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, LLAMA=llama, BLOCK_N=block)
+        parts = kernels.row_parts(7168) if layout == "parts" else (block, 0, 0)
+        const = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, LLAMA=llama)
+        const |= dict(zip(("BLOCK_N", "BLOCK_N1", "BLOCK_N2"), parts, strict=True))
         const |= dict(ROWS=rows, LOOPED=looped, SOFT_BF16=False, EARLY_WEIGHT=layout == "early")
         yield f"fwd {dtype} {const}", kernels.rmsnorm_fwd_kernel, types, const
-    for dtype, chunks, prefetch, weight, dh in itertools.product(
-        ("bf16", "fp32"), (1, 2, 0), (False, True), (False, True), (False, True)
+    for dtype, chunks, prefetch, weight, dh, dw_cols in itertools.product(
+        ("bf16", "fp32"), (1, 2, 0), (False, True), (False, True), (False, True), (0, 64)
     ):
         p = f"*{dtype}"
         types = dict(DY=p, X=p, W=p, RSTD="*fp32", DH=p, DX=p, DRES="*fp32", DW_PARTIAL="*fp32")
         types |= {f"stride_{a}": "i32" for a in ("dy", "x", "dh", "dx", "dres")}
-        types |= dict(M="i32", N="i32", weight_offset="fp32")
+        types |= dict(M="i32", N="i32", G="i32", weight_offset="fp32")
         block = kernels.BWD_MAX_BLOCK_N if chunks != 1 else 4096
         const = dict(HAS_WEIGHT=weight, HAS_DH=dh, STORE_DRES=dh, BLOCK_N=block, CHUNKS=chunks)
-        const |= dict(SOFT_BF16=False, PREFETCH=prefetch)
+        const |= dict(SOFT_BF16=False, PREFETCH=prefetch, DW_COLS=dw_cols, DW_ROWS=32)
         yield f"bwd {dtype} {const}", kernels.rmsnorm_bwd_kernel, types, const
     types = dict(DW_PARTIAL="*fp32", DW="*bf16", G="i32", N="i32")
     const = dict(BLOCK_G=256, BLOCK_N=16, SOFT_BF16=False)

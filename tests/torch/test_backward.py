@@ -106,6 +106,37 @@ def test_dweight_is_bitwise_deterministic():
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+@pytest.mark.parametrize("shape", [(70, 200), (5, BWD_MAX_BLOCK_N + 77), (3, MAX_BLOCK_N + 77)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_dweight_by_partials_and_by_columns(shape, fused, monkeypatch):
+    """Both ways of summing dweight (per-program partials and a second kernel; column
+    programs of the same launch, used for few rows) on each row layout: dweight within fp32
+    error of float64, dx (and d residual) the same bits either way."""
+    from accel_torch import kernels
+
+    x, w, dy = _make(shape, torch.bfloat16, torch.float32, seed=shape[-1])
+    r = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.float32)
+    x64, w64, r64 = leaf64(x), leaf64(w), leaf64(r)
+    h64 = x64 + r64 if fused else x64
+    leaves = [x64, w64, r64] if fused else [x64, w64]
+    ref = torch.autograd.grad(rmsnorm64(h64, w64), leaves, dy.double())
+    grads = {}
+    for column_rows in (0, shape[0]):  # partials; columns (tiles of 32 rows: 70 is ragged)
+        monkeypatch.setattr(kernels, "BWD_COLUMN_ROWS", column_rows)
+        xg, wg, rg = (t.clone().requires_grad_(True) for t in (x, w, r))
+        if fused:
+            y = accel_torch.rmsnorm_residual_fused(xg, rg, wg, residual_dtype=torch.float32)
+            grads[column_rows] = torch.autograd.grad(y, [xg, wg, rg], dy)
+        else:
+            grads[column_rows] = torch.autograd.grad(accel_torch.rmsnorm(xg, wg), [xg, wg], dy)
+    for g in grads.values():
+        assert_grad_close(g[1], ref[1], REL)
+    partial, column = grads[0], grads[shape[0]]
+    assert torch.equal(partial[0], column[0])
+    if fused:
+        assert torch.equal(partial[2], column[2])
+
+
 def test_zero_rows_backward():
     x = torch.randn(0, 64, requires_grad=True)
     w = torch.randn(64, requires_grad=True)

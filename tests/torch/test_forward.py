@@ -135,8 +135,8 @@ def test_several_rows_per_program(rows, casting, monkeypatch):
     from accel_torch import launch
 
     def several_rows(m, n):
-        block_n, _, looped, num_warps, early_weight = kernels.fwd_launch(m, n)
-        return block_n, rows, looped, num_warps, not early_weight
+        parts, _, looped, num_warps, early_weight = kernels.fwd_launch(m, n)
+        return parts, rows, looped, num_warps, not early_weight
 
     monkeypatch.setattr(launch, "fwd_launch", several_rows)
     big, w = _inputs((7, 160), torch.bfloat16, torch.float32, seed=6)

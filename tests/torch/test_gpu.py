@@ -25,6 +25,9 @@ REAL_SHAPES = [
     (4, 65536),
     (2, 131072),
     (3, 1000),
+    (257, 3584),  # rows in three parts; dweight by column programs, a ragged last tile
+    (600, 6144),  # two parts; dweight by partials
+    (512, 4608),
 ]
 REL = 1e-5  # as in test_backward: fp32 arithmetic relative to the terms' size
 
