@@ -21,10 +21,9 @@ import triton.language as tl
 MAX_BLOCK_N = 16384  # largest row kept whole in registers
 LOOP_BLOCK_N = 8192  # chunk of the looped path
 BWD_MAX_BLOCK_N = 8192  # widest backward block (a wider one spills registers)
-BWD_COLUMN_ROWS = 512  # up to this many rows, the backward sums dweight by column programs
-BWD_DW_COLS, BWD_DW_ROWS = 64, 32  # their tile
+BWD_COLUMN_ROWS = 1024  # up to this many rows, the backward sums dweight by column programs
+BWD_DW_COLS, BWD_DW_ROWS = 32, 32  # their tile (twice the columns past 4096)
 FWD_MIN_ELEMS = 1024  # narrower rows go several to a forward program
-FWD_PARTS = True  # forward rows as power-of-two parts (else one block padded to a power of two)
 
 
 @triton.jit
@@ -120,6 +119,7 @@ def rmsnorm_fwd_kernel(
     LOOPED: tl.constexpr,
     SOFT_BF16: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,  # load w before x: its latency overlaps x's, not the sum's
+    STORE_RSTD: tl.constexpr,  # write rstd (for a backward); RSTD is unused without
 ):  # fmt: skip
     """Program p normalizes rows [p * ROWS, (p + 1) * ROWS): y = x * rstd * w,
     rstd = 1/sqrt(mean(x^2) + eps).
@@ -153,7 +153,8 @@ def rmsnorm_fwd_kernel(
             )  # fmt: skip
             sum_sq += tl.sum(x2 * x2, axis=1)
         rstd = _rstd(sum_sq, N, eps)
-        tl.store(RSTD + rows, rstd, mask=row_mask)
+        if STORE_RSTD:
+            tl.store(RSTD + rows, rstd, mask=row_mask)
         _fwd_part_store(
             W, Y, NORM, x0, w0, rstd, rows, row_mask, stride_y, 0, N, weight_offset,
             BLOCK_N, HAS_WEIGHT, LLAMA, EARLY_WEIGHT, SOFT_BF16,
@@ -186,7 +187,8 @@ def rmsnorm_fwd_kernel(
                 x = _f32(h, SOFT_BF16)
             acc += x * x
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
-        tl.store(RSTD + pid, rstd)
+        if STORE_RSTD:
+            tl.store(RSTD + pid, rstd)
         for off in range(0, N, BLOCK_N):
             mask = off + cols < N
             # The fused op re-reads the rounded h it stored (this program's own writes).
@@ -508,22 +510,37 @@ def row_parts(n: int) -> tuple[int, int, int]:
     return b0, b1, (1 << (rest - 1).bit_length()) if rest else 0
 
 
-def fwd_launch(m: int, n: int) -> tuple[tuple[int, int, int], int, bool, int, bool]:
+def fwd_launch(
+    m: int, n: int, fused: bool = False
+) -> tuple[tuple[int, int, int], int, bool, int, bool]:
     """((BLOCK_N, BLOCK_N1, BLOCK_N2), ROWS, LOOPED, num_warps, EARLY_WEIGHT) of the forward
-    kernel for m rows of n elements.
+    kernel (fused: with a residual) for m rows of n elements.
 
-    A program holds at least FWD_MIN_ELEMS elements: rows narrower than that go several to
-    a program (H100, 65536x256: 41.1 us with one row, 24.9 with four; copy 24.2). The weight
-    is loaded before x up to 4096 columns, where rows are latency-bound (256x4096 warm:
-    2.7 -> 2.4 us); in wider blocks the early load made the kernel slower (4096x16384:
-    92 -> 101 us). bench/NOTES.md has the sweeps.
+    Powers of two and narrow rows: one block. A program holds at least FWD_MIN_ELEMS
+    elements: rows narrower than that go several to a program (H100, 65536x256: 41.1 us with
+    one row, 24.9 with four; copy 24.2). The weight is loaded before x up to 4096 columns,
+    where rows are latency-bound (256x4096 warm: 2.7 -> 2.4 us); in wider blocks the early
+    load made the kernel slower (4096x16384: 92 -> 101 us).
+    Widths between powers of two from 2048 to 8192 (3072 ... 7168): fewer warps, so more
+    rows are in flight per SM; the forward takes the row as two parts where the first is
+    4096 or more (4096x5120: 29.1 -> 28.2 us cold, 4608: 28.5 -> 26.9), the fused op one
+    padded block with the weight loaded early (4096x5120: 46.4 -> 45.9). bench/NOTES.md has
+    the sweeps.
     """
     block_n, looped = row_block(n)
     if looped:
         return (block_n, 0, 0), 1, True, row_num_warps(block_n), False
-    rows = max(1, FWD_MIN_ELEMS // block_n)
-    parts = row_parts(n) if FWD_PARTS else (block_n, 0, 0)
-    return parts, rows, False, row_num_warps(block_n * rows), block_n <= 4096
+    if block_n == n or n < 2048 or block_n > 8192:
+        rows = max(1, FWD_MIN_ELEMS // block_n)
+        return (block_n, 0, 0), rows, False, row_num_warps(block_n * rows), block_n <= 4096
+    if fused:
+        return (block_n, 0, 0), 1, False, 4, True
+    parts = row_parts(n)
+    if parts[2] == 0 and parts[0] >= 4096:
+        return parts, 1, False, 4, False
+    if block_n <= 4096:
+        return (block_n, 0, 0), 2, False, 8, False
+    return (block_n, 0, 0), 1, False, 4, False
 
 
 @functools.cache
@@ -540,7 +557,8 @@ def bwd_launch(m: int, n: int, device: torch.device) -> tuple[int, int, int, int
     block-wide fp32 dweight accumulator). Prefetching the next row (its first chunk, with
     two) pays where its registers fit: not at 16384 columns. Up to BWD_COLUMN_ROWS rows,
     dweight is summed by column programs of the same launch (DW_COLS columns each) instead
-    of per-program partials and a second kernel. Sweeps: bench/NOTES.md.
+    of per-program partials and a second kernel (H200, backward alone, 256x4096: 12.3 ->
+    8.0 us cold, 6.3 -> 3.9 warm; 1024x4096: 17.6 -> 14.6 cold). Sweeps: bench/NOTES.md.
     """
     if n <= BWD_MAX_BLOCK_N:
         block_n, chunks = 1 << (n - 1).bit_length(), 1
@@ -553,6 +571,6 @@ def bwd_launch(m: int, n: int, device: torch.device) -> tuple[int, int, int, int
         sms = 4
     per_sm = max(1, min(8, 8192 // block_n))
     prefetch = chunks == 1 or (chunks == 2 and 2 * n <= 3 * BWD_MAX_BLOCK_N)
-    dw_cols = BWD_DW_COLS if m <= BWD_COLUMN_ROWS else 0
+    dw_cols = 0 if m > BWD_COLUMN_ROWS else BWD_DW_COLS if n <= 4096 else 2 * BWD_DW_COLS
     programs = max(1, min(m, per_sm * sms))
     return block_n, chunks, programs, row_num_warps(block_n), prefetch, dw_cols

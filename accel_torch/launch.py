@@ -59,11 +59,12 @@ def _row_stride(t2: torch.Tensor) -> int:
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
-def empty_fwd_outputs(x, h_dtype):
-    """Uninitialized (y, h or None, rstd) for a forward of x; h only when h_dtype is given."""
+def empty_fwd_outputs(x, h_dtype, rstd=True):
+    """Uninitialized (y, h or None, rstd or None) for a forward of x; h only when h_dtype is
+    given."""
     y = x.new_empty(x.shape)
     h = x.new_empty(x.shape, dtype=h_dtype) if h_dtype is not None else None
-    return y, h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return y, h, x.new_empty(x.shape[:-1], dtype=torch.float32) if rstd else None
 
 
 def empty_bwd_outputs(dy, x, weight, dres_dtype):
@@ -78,36 +79,41 @@ def absent_as_empty(dy, outputs):
     return tuple(t if t is not None else dy.new_empty(_EMPTY) for t in outputs)
 
 
-def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype):
+def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype, rstd=True):
     """Run the forward kernel.
 
     x, residual: (..., N), residual may be None; weight: (N,) or None. With a residual,
     h = round(h_dtype, x + residual) is normalized and returned.
-    Returns y (x.shape, x.dtype), h (x.shape, h_dtype) or None, rstd (x.shape[:-1], fp32).
+    Returns y (x.shape, x.dtype), h (x.shape, h_dtype) or None, rstd (x.shape[:-1], fp32;
+    None with rstd=False: a forward no backward will follow).
     """
-    _check_triton(x)
-    y, h, rstd = empty_fwd_outputs(x, h_dtype if residual is not None else None)
-    n = x.shape[-1]
-    x2 = rows_view(x)
-    m = x2.shape[0]
+    if triton is None:
+        _check_triton(x)
+    y, h, rstd_out = empty_fwd_outputs(x, h_dtype if residual is not None else None, rstd)
+    flat = x.dim() != 2  # 2-D inputs (the common case) need no views
+    x2 = rows_view(x) if flat or x.stride(1) != 1 else x
+    m, n = x2.shape
     if m == 0:
-        return y, h, rstd
+        return y, h, rstd_out
     if residual is not None:
-        r2, h2 = rows_view(residual), h.view(m, n)
+        r2 = rows_view(residual) if flat or residual.stride(1) != 1 else residual
+        h2 = h.view(m, n) if flat else h
     else:
         r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
-    weight = _dense(weight)
-    parts, rows, looped, num_warps, early_weight = fwd_launch(m, n)
-    has_residual, has_weight = residual is not None, weight is not None
+    if weight is not None and weight.stride(0) != 1:
+        weight = _dense(weight)
+    parts, rows, looped, num_warps, early_weight = fwd_launch(m, n, residual is not None)
     _fwd(
         (m + rows - 1) // rows,
-        (x2, r2, weight if has_weight else x2, y.view(m, n), h2, rstd.view(m)),
+        (x2, r2, weight if weight is not None else x2, y.view(m, n) if flat else y, h2,
+         (rstd_out.view(m) if flat else rstd_out) if rstd else x2),
         (_row_stride(x2), _row_stride(r2), n, n, m, n),
         (eps, weight_offset),
-        (has_residual, has_weight, llama, *parts, rows, looped, _config.SOFT_BF16, early_weight),
+        (residual is not None, weight is not None, llama, *parts, rows, looped,
+         _config.SOFT_BF16, early_weight, rstd),
         num_warps,
-    )
-    return y, h, rstd
+    )  # fmt: skip
+    return y, h, rstd_out
 
 
 def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):

@@ -80,7 +80,7 @@ class Launcher:
 
     def __call__(self, grid: int, tensors: tuple, ints: tuple, floats: tuple, constexprs: tuple,
                  num_warps: int) -> None:  # fmt: skip
-        if not self.direct or tensors[0].device.type != "cuda":
+        if not self.direct or not tensors[0].is_cuda:
             self.jit_launch(grid, tensors, ints, floats, constexprs, num_warps)
             return
         key = self.key(tensors, ints, constexprs, num_warps)

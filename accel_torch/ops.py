@@ -234,7 +234,7 @@ def rmsnorm(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
         return _KernelFunction.apply(x, None, weight, eps, weight_offset, llama, None)[0]
     if _needs_grad(x, weight):
         return _EagerKernelFunction.apply(x, None, weight, eps, weight_offset, llama, None)[0]
-    return rmsnorm_fwd_launch(x, None, weight, eps, weight_offset, llama, None)[0]
+    return rmsnorm_fwd_launch(x, None, weight, eps, weight_offset, llama, None, False)[0]
 
 
 def rmsnorm_residual_fused(
@@ -278,5 +278,5 @@ def rmsnorm_residual_fused(
     elif _needs_grad(x, residual, weight):
         y, h, _rstd = _EagerKernelFunction.apply(*args)
     else:
-        y, h, _rstd = rmsnorm_fwd_launch(*args)
+        y, h, _rstd = rmsnorm_fwd_launch(*args, False)
     return (y, h) if return_residual else y

@@ -49,6 +49,7 @@ def _variants():
         const = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, LLAMA=llama)
         const |= dict(zip(("BLOCK_N", "BLOCK_N1", "BLOCK_N2"), parts, strict=True))
         const |= dict(ROWS=rows, LOOPED=looped, SOFT_BF16=False, EARLY_WEIGHT=layout == "early")
+        const |= dict(STORE_RSTD=not residual)
         yield f"fwd {dtype} {const}", kernels.rmsnorm_fwd_kernel, types, const
     for dtype, chunks, prefetch, weight, dh, dw_cols in itertools.product(
         ("bf16", "fp32"), (1, 2, 0), (False, True), (False, True), (False, True), (0, 64)

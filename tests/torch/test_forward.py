@@ -134,8 +134,8 @@ def test_several_rows_per_program(rows, casting, monkeypatch):
     (with the weight loaded at the other time than the default launch's)."""
     from accel_torch import launch
 
-    def several_rows(m, n):
-        parts, _, looped, num_warps, early_weight = kernels.fwd_launch(m, n)
+    def several_rows(m, n, fused=False):
+        parts, _, looped, num_warps, early_weight = kernels.fwd_launch(m, n, fused)
         return parts, rows, looped, num_warps, not early_weight
 
     monkeypatch.setattr(launch, "fwd_launch", several_rows)
