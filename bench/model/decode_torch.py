@@ -1,11 +1,13 @@
 """The Llama decode step: one new token per sequence against a KV cache of ``past`` tokens.
 
-The cache is filled once per batch size by a prefill of ``past`` random tokens (with HF's
-norms) and shared by the variants. Each timed step appends one token and then rewinds the
-cache by one (``cache.crop(-1)``), so every step sees exactly ``past`` cached tokens. With
-``cache="static"`` (default) it is HF's ``StaticCache`` (preallocated, written in place, as
-compiled/serving decoders do); ``"dynamic"`` is HF's default ``DynamicCache``, which
-concatenates (copies) each layer's keys and values every step.
+For each variant the cache is filled by a prefill of the same ``past`` random tokens (with
+HF's norms). With ``cache="static"`` (default) it is HF's ``StaticCache`` (preallocated,
+written in place, as compiled/serving decoders do) with room for ``past + STATIC_ROOM``
+tokens: each step appends one, so steps see ``past`` to ``past + steps`` cached tokens
+(the same for every variant), and a step past the room raises instead of writing out of
+bounds. ``"dynamic"`` is HF's default ``DynamicCache``, which concatenates (copies) each
+layer's keys and values every step; there each step is followed by ``cache.crop(-1)``, so
+every step sees ``past`` tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bench.model.steps import measure
 from bench.model.train_torch import runnable
 
 PROFILED_STEPS = 3
+STATIC_ROOM = 512  # tokens a static cache holds past the prefill: more than a run's steps
 
 
 def make_cache(model, kind: str, batch: int, max_len: int):
@@ -53,17 +56,25 @@ def prefill(model, cache, prompt) -> None:
         model(input_ids=prompt, **kwargs)
 
 
-def decode_step(model, cache, token) -> Callable[[], object]:
-    """One decode step of ``token`` (batch, 1) int64, then the cache rewound by one.
-    Returns the logits (batch, 1, vocab)."""
+def decode_step(model, cache, token, room: int | None = None) -> Callable[[], object]:
+    """One decode step of ``token`` (batch, 1) int64 (see the module docstring); ``room``:
+    the steps a static cache has room for. Returns the logits (batch, 1, vocab)."""
     import torch
+    import transformers
 
     kwargs = {lt.cache_kwarg(model): cache, "use_cache": True}
+    static = isinstance(cache, transformers.StaticCache)
+    taken = [0]
 
     def step():
+        if static:
+            if room is None or taken[0] >= room:
+                raise RuntimeError(f"the static cache has room for {room} decode steps, all taken")
+            taken[0] += 1
         with torch.inference_mode():
             logits = model(input_ids=token, **kwargs).logits
-            cache.crop(-1)
+            if not static:
+                cache.crop(-1)
         return logits
 
     return step
@@ -83,7 +94,6 @@ def run(cfg: RunConfig, device: str, trace_dir: Path, log: Callable[[str], None]
         gen = torch.Generator().manual_seed(cfg.seed + 2)
         prompt = torch.randint(0, cfg.shape.vocab, (batch, cfg.past), generator=gen).to(device)
         token = torch.randint(0, cfg.shape.vocab, (batch, 1), generator=gen).to(device)
-        cache = None
         for variant in lt.VARIANTS:
             rec = dict(
                 part="decode",
@@ -99,17 +109,17 @@ def run(cfg: RunConfig, device: str, trace_dir: Path, log: Callable[[str], None]
                 continue
             log(f"decode: batch {batch}, {variant}")
             try:
-                if cache is None:
-                    switch.use("hf")
-                    cache = make_cache(model, cfg.cache, batch, cfg.past + 1)
-                    prefill(model, cache, prompt)
+                switch.use("hf")
+                cache = make_cache(model, cfg.cache, batch, cfg.past + STATIC_ROOM)
+                prefill(model, cache, prompt)
                 norms = switch.use(variant)
-                step = decode_step(model, cache, token)
+                step = decode_step(model, cache, token, STATIC_ROOM)
                 logits = step()
-                if int(cache.get_seq_length()) != cfg.past:
+                expected = cfg.past + (1 if cfg.cache == "static" else 0)
+                if int(cache.get_seq_length()) != expected:
                     raise RuntimeError(
-                        f"the cache holds {int(cache.get_seq_length())} tokens after a step "
-                        f"and its rewind, not {cfg.past}: crop(-1) did not rewind it"
+                        f"the cache holds {int(cache.get_seq_length())} tokens after a step, "
+                        f"not {expected}"
                     )
                 rec["logits_norm"] = float(logits.float().norm())
                 # Decode steps are short: three times the training step's counts.
@@ -117,7 +127,7 @@ def run(cfg: RunConfig, device: str, trace_dir: Path, log: Callable[[str], None]
                 measure(rec, step, norms, trace, 3 * cfg.steps, 3 * cfg.warmup, PROFILED_STEPS)
             except Exception as e:  # recorded; the run goes on with the next variant
                 rec.update(status="error", reason=error_text(e))
-        del cache
+            cache = None
         if device == "cuda":
             torch.cuda.empty_cache()
     switch.use("hf")

@@ -72,36 +72,39 @@ def test_norm_switch_keeps_the_weights_and_rejects_unknown_variants():
         switch.use("apex")
 
 
-def test_decode_step_variants_match_float64_and_the_cache_rewinds():
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_decode_step_variants_match_float64_and_the_cache(kind):
+    """The first decode step's logits against float64; a static cache takes one token per
+    step up to its room, then raises; a dynamic one is rewound after each step."""
     past, batch = 6, 2
     model = llama_torch.build_llama(TINY, 1, DEVICE, torch.float32).eval()
     prompt, token = _ids((batch, past)).to(DEVICE), _ids((batch, 1), seed=2).to(DEVICE)
 
     def logits(m, variant):
         switch = llama_torch.NormSwitch(m)
-        cache = decode_torch.make_cache(m, "static", batch, past + 1)
+        cache = decode_torch.make_cache(m, kind, batch, past + 2)
         decode_torch.prefill(m, cache, prompt)
         switch.use(variant)
-        step = decode_torch.decode_step(m, cache, token)
+        step = decode_torch.decode_step(m, cache, token, room=2)
         first, second = step(), step()
-        assert int(cache.get_seq_length()) == past
+        if kind == "static":
+            assert int(cache.get_seq_length()) == past + 2
+            with pytest.raises(RuntimeError, match="room for 2"):
+                step()
+        else:
+            assert int(cache.get_seq_length()) == past
         switch.use("hf")
         return first.double().cpu(), second.double().cpu()
 
-    ref, _ = logits(copy.deepcopy(model).double(), "hf")
+    ref, ref_second = logits(copy.deepcopy(model).double(), "hf")
     for variant in ["hf", "accel"]:
         first, second = logits(model, variant)
         assert _rel(first, ref) <= 1e-5, variant
-        torch.testing.assert_close(second, first, rtol=0, atol=0)  # same cache, same step
-
-    # Without the rewind the second step would see one more cached token: different logits.
-    cache = decode_torch.make_cache(model, "static", batch, past + 2)
-    decode_torch.prefill(model, cache, prompt)
-    kw = {llama_torch.cache_kwarg(model): cache, "use_cache": True}
-    with torch.inference_mode():
-        model(input_ids=token, **kw)
-        unrewound = model(input_ids=token, **kw).logits.double().cpu()
-    assert _rel(unrewound, ref) > 1e-3
+        assert _rel(second, ref_second) <= 1e-5, variant
+        if kind == "dynamic":  # rewound: the same cache, the same step
+            torch.testing.assert_close(second, first, rtol=0, atol=0)
+        else:  # one more cached token
+            assert _rel(second, first) > 1e-3
 
 
 def test_norm_ranges_cover_exactly_the_norms_ops():
