@@ -180,10 +180,12 @@ def methods() -> dict:
     return {
         "torch step time": steps.EVENTS_METHOD,
         "torch peak memory": steps.PEAK_METHOD,
-        "torch norm share": "torch.profiler trace of one training step (three decode steps): "
-        "device time (kernels, memcpy, memset) launched inside record_function ranges around "
-        "the norm modules' forwards and around the autograd nodes those forwards create, over "
-        "all device time of the step",
+        "torch norm share": "torch.profiler trace of one training step (three decode steps), "
+        "device time of the norm's kernels over all device time of the step: accel_torch's "
+        "and Liger's by kernel name (their forward and backward kernels); HF's eager norm by "
+        "the kernels launched inside record_function ranges around the norm modules' "
+        "forwards: its forward only (ranges around its backward nodes also took in GEMMs of "
+        "other nodes on CUDA, so its backward is not attributed)",
         "device ms": "the sum of the step's device event durations in that trace (no gaps)",
         "nnx step time": "CUPTI kernel records (mosaic.gpu.profiler.measure): the sum of the "
         "step's kernels, same inputs every step, median over steps",

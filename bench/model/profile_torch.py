@@ -28,6 +28,13 @@ NORM_RANGES = (NORM_FWD, NORM_BWD)
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 MAX_NORM_NODES = 64  # a norm's forward makes at most ~10 autograd nodes
+# Kernels that are the norm's by name (fused kernels: nothing else is called so). Variants
+# without an entry (HF's eager norm) are attributed by the forward ranges only: on CUDA the
+# backward-node ranges also took in GEMM kernels of other nodes (H200, torch 2.11).
+NORM_KERNELS = {
+    "accel": ("rmsnorm_fwd_kernel", "rmsnorm_bwd_kernel", "dweight_reduce_kernel"),
+    "liger": ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel"),
+}
 
 
 def _norm_nodes(output, inputs) -> list:
@@ -107,10 +114,10 @@ def load_trace(path: str | Path) -> list[dict]:
 class _Ranges:
     """Norm ranges per (pid, tid), for 'does this timestamp lie in one' queries."""
 
-    def __init__(self, events: list[dict]):
+    def __init__(self, events: list[dict], names: tuple[str, ...] = NORM_RANGES):
         self.by_thread: dict = {}
         for e in events:
-            if e.get("cat") == "user_annotation" and e.get("name") in NORM_RANGES:
+            if e.get("cat") == "user_annotation" and e.get("name") in names:
                 key = (e.get("pid"), e.get("tid"))
                 self.by_thread.setdefault(key, []).append((float(e["ts"]), float(e["dur"])))
         for spans in self.by_thread.values():
@@ -136,15 +143,21 @@ def ops_in_norm(events: list[dict], cat: str = "cpu_op") -> list[str]:
     return [e["name"] for e in events if e.get("cat") == cat and ranges.contains(e)]
 
 
-def attribute(events: list[dict]) -> dict:
+def attribute(
+    events: list[dict],
+    kernel_names: tuple[str, ...] | None = None,
+    range_names: tuple[str, ...] = NORM_RANGES,
+) -> dict:
     """The norm's share of the device time in a trace.
 
+    A device event is the norm's when its name starts with one of ``kernel_names`` (when
+    given), else when the call that launched it lies inside a range of ``range_names``.
     Returns ``total_us`` (all device events; None if the trace has none, as on a CPU),
-    ``norm_us`` (those launched inside a norm range), ``share``, ``kernels`` ({name:
-    [count, us]} of the counted events, largest first), ``ranges`` (norm ranges found) and
-    ``unmatched`` (device events whose launch was not found, counted in the total only).
+    ``norm_us`` (the norm's), ``share``, ``kernels`` ({name: [count, us]} of the counted
+    events, largest first), ``ranges`` (norm ranges found) and ``unmatched`` (device events
+    whose launch was not found, counted in the total only).
     """
-    ranges = _Ranges(events)
+    ranges = _Ranges(events, range_names)
     launches = {}
     for e in events:
         if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {}):
@@ -161,8 +174,11 @@ def attribute(events: list[dict]) -> dict:
         launch = launches.get(e.get("args", {}).get("correlation"))
         if launch is None:
             unmatched += 1
-            continue
-        if ranges.contains(launch):
+        if kernel_names is not None:
+            counted = e["name"].startswith(kernel_names)
+        else:
+            counted = launch is not None and ranges.contains(launch)
+        if counted:
             norm += dur
             entry = kernels.setdefault(e["name"], [0, 0.0])
             entry[0] += 1
@@ -178,10 +194,13 @@ def attribute(events: list[dict]) -> dict:
     }
 
 
-def profile_norms(step, norms, trace_path: str | Path, steps: int = 1) -> dict:
+def profile_norms(
+    step, norms, trace_path: str | Path, steps: int = 1, variant: str | None = None
+) -> dict:
     """Run ``step()`` ``steps`` times under torch.profiler (CPU and CUDA activity) with
-    the norm ranges open; the attribution of the trace (times and counts per step) and the
-    names of the CPU ops run inside the norm ranges."""
+    the norm ranges open; the attribution of the trace (times and counts per step: by kernel
+    name for the variants of NORM_KERNELS, else by the forward ranges) and the names of the
+    CPU ops run inside the norm ranges."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -196,7 +215,9 @@ def profile_norms(step, norms, trace_path: str | Path, steps: int = 1) -> dict:
             torch.cuda.synchronize()
     prof.export_chrome_trace(str(trace_path))
     events = load_trace(trace_path)
-    out = attribute(events)
+    names = NORM_KERNELS.get(variant)
+    out = attribute(events, names, NORM_RANGES if names else (NORM_FWD,))
+    out["method"] = "kernel names" if names else "forward ranges (backward not attributed)"
     if out["total_us"] is not None:
         out["total_us"] /= steps
         out["norm_us"] /= steps

@@ -72,5 +72,5 @@ def measure(
 
     rec["step_ms"], rec["timing"] = step_ms(step, cfg_steps, warmup)
     rec.update(peak_memory(step))
-    rec["profile"] = profile_norms(step, norms, trace, steps=profiled_steps)
+    rec["profile"] = profile_norms(step, norms, trace, profiled_steps, rec.get("variant"))
     rec["status"] = "ok"

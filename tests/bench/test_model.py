@@ -179,6 +179,11 @@ def test_attribute_counts_kernels_launched_inside_norm_ranges_on_their_thread():
     assert out["kernels"] == {"norm_bwd": [1, 5.0], "norm_fwd": [1, 3.0]}
     assert (out["ranges"], out["unmatched"]) == (2, 1)
     assert profile_torch.attribute([x("user_annotation", fwd, 0, 1)])["total_us"] is None
+    # By kernel name, wherever launched (the orphan too); by the forward ranges only.
+    named = profile_torch.attribute(events, ("norm_", "orphan"))
+    assert named["norm_us"] == 18.0 and "gemm" not in named["kernels"]
+    forward_only = profile_torch.attribute(events, None, (fwd,))
+    assert forward_only["kernels"] == {"norm_fwd": [1, 3.0]}
 
 
 def test_nnx_step_variants_match():
