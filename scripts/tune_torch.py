@@ -3,6 +3,12 @@
 
     python scripts/tune_torch.py            # prints one line per (op, shape, setting)
     python scripts/tune_torch.py fwd 2048x4096 8192x4096   # one op, some shapes
+    python scripts/tune_torch.py --quick fwd fused 4096x5120   # one row per program, no loops
+
+Ops: fwd, fused (forward layouts: padded block, power-of-two parts, looped), bwd (persistent
+programs, warps, prefetch), dweight (partials + a reduction kernel against column programs),
+fwdbwd (the public API), host (eager host time: direct launches against Triton's, and a
+profile).
 
 Times each setting as the bench does (bench/timing.py): cold = L2 flushed, GPU spin before
 the call, CUDA events, median; warm = CUDA-graph replay. Both in us, each beside the
