@@ -124,15 +124,22 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
     when dres_dtype is given, else None; dweight ((N,), weight.dtype) when weight is given,
     else None.
     """
-    _check_triton(x)
+    if triton is None:
+        _check_triton(x)
     dx, dres, dweight = empty_bwd_outputs(dy, x, weight, dres_dtype)
-    n = x.shape[-1]
-    x2, dy2 = rows_view(x), rows_view(dy)
-    m = x2.shape[0]
+    flat = x.dim() != 2  # 2-D inputs (the common case) need no views
+    x2 = rows_view(x) if flat or x.stride(1) != 1 else x
+    dy2 = rows_view(dy) if flat or dy.stride(1) != 1 else dy
+    m, n = x2.shape
     if m == 0:
         return dx, dres, dweight.zero_() if dweight is not None else None
-    dh2 = rows_view(dh) if dh is not None else dy2
-    weight, rstd = _dense(weight), _dense(rstd.reshape(m))
+    if dh is not None:
+        dh2 = rows_view(dh) if flat or dh.stride(1) != 1 else dh
+    else:
+        dh2 = dy2
+    if weight is not None and weight.stride(0) != 1:
+        weight = _dense(weight)
+    rstd = _dense(rstd.reshape(m)) if flat or rstd.stride(0) != 1 else rstd
     block_n, chunks, programs, num_warps, prefetch, dw_cols = bwd_launch(m, n, x.device)
     has_weight, has_dh, store_dres = weight is not None, dh is not None, dres_dtype is not None
     dw_cols = dw_cols if has_weight else 0
@@ -146,8 +153,8 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
         )
     _bwd(
         grid,
-        (dy2, x2, weight if has_weight else x2, rstd, dh2, dx.view(m, n),
-         dres.view(m, n) if store_dres else dy2, partial),
+        (dy2, x2, weight if has_weight else x2, rstd, dh2, dx.view(m, n) if flat else dx,
+         (dres.view(m, n) if flat else dres) if store_dres else dy2, partial),
         (_row_stride(dy2), _row_stride(x2), _row_stride(dh2), n, n, m, n, programs),
         (weight_offset,),
         (has_weight, has_dh, store_dres, block_n, chunks, _config.SOFT_BF16, prefetch,

@@ -87,17 +87,19 @@ def residual_add_math(x: torch.Tensor, residual: torch.Tensor, h_dtype) -> torch
 # ---- autograd: the reference's own, and the rules the kernels' Functions share ----
 
 
-def save_norm_context(ctx, inputs, output, *, eager=True):
+def save_norm_context(ctx, inputs, output, *, eager=True, forward_ad=True):
     """Save what backward and jvp need. inputs: (x, residual or None, weight, eps,
     weight_offset, llama, h_dtype); output: (y, rstd) or (y, h, rstd). eager=False for the
-    custom ops' autograd (no forward-mode saves, grads materialized as the compiler wants)."""
+    custom ops' autograd (no forward-mode saves, grads materialized as the compiler wants);
+    forward_ad=False where no forward-mode level is active (legacy_form's calls)."""
     x, residual, weight, eps, weight_offset, _llama, _h_dtype = inputs
     h, rstd = (x, output[1]) if residual is None else (output[1], output[2])
     ctx.save_for_backward(h, weight, rstd)
     if eager:
         ctx.mark_non_differentiable(rstd)
         ctx.set_materialize_grads(False)  # an unused h sends no gradient: skip reading one
-        ctx.save_for_forward(h, weight, rstd)
+        if forward_ad:
+            ctx.save_for_forward(h, weight, rstd)
     ctx.eps, ctx.weight_offset = eps, weight_offset
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
@@ -206,14 +208,14 @@ def transformed() -> bool:
 
 
 def legacy_form(fn):
-    """fn, a setup_context-form Function, in the legacy ``forward(ctx, ...)`` form: the same
+    """fn, a NormFunction, in the legacy ``forward(ctx, ...)`` form: the same
     forward, saves and backward, but its apply skips the signature binding (inspect) that the
     setup_context form pays on every call (about half of an eager forward+backward's host
     time). For calls where transformed() is False."""
 
     def forward(ctx, *inputs):
         out = fn.forward(*inputs)
-        fn.setup_context(ctx, inputs, out)
+        save_norm_context(ctx, inputs, out, forward_ad=False)  # fn's setup, less jvp's saves
         return out
 
     body = {"forward": staticmethod(forward), "backward": staticmethod(fn.backward)}
