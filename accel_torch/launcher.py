@@ -13,7 +13,7 @@ multiple of 16 and its integer type (i32 / i64 / u64). Floats are never speciali
 the same key Triton would pick the same compiled kernel, so a direct launch never runs a
 kernel compiled for other inputs (``tests/torch/test_launcher.py`` checks the key against
 Triton's specialization). Triton's interpreter, and launch hooks (profilers), always take
-``kernel[grid]``.
+``kernel[grid]``. Kernels run on the first tensor's device, whichever device is current.
 """
 
 import inspect
@@ -82,6 +82,10 @@ class Launcher:
                  num_warps: int) -> None:  # fmt: skip
         if not self.direct or not tensors[0].is_cuda:
             self.jit_launch(grid, tensors, ints, floats, constexprs, num_warps)
+            return
+        if tensors[0].get_device() != torch._C._cuda_getDevice():
+            with torch.cuda.device(tensors[0].device):  # Triton launches on the current one
+                self(grid, tensors, ints, floats, constexprs, num_warps)
             return
         key = self.key(tensors, ints, constexprs, num_warps)
         entry = self.compiled.get(key)

@@ -156,3 +156,18 @@ def test_launch_hooks_still_run():
         else:
             knobs.runtime.launch_enter_hook = chain
     assert names and "rmsnorm_fwd_kernel" in names[0]
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_inputs_device_not_the_current_one():
+    import accel_torch
+
+    x = torch.randn(64, 4096, device="cuda:1", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(1):
+        expected = accel_torch.rmsnorm(x, w)
+    with torch.cuda.device(0):
+        for _ in range(2):  # the second call launches directly
+            got = accel_torch.rmsnorm(x, w)
+            assert got.device == x.device and torch.equal(got, expected)
