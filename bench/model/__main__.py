@@ -139,6 +139,9 @@ def _nnx_missing(on_gpu: bool) -> str | None:
 
 
 def run(cfg: configs.RunConfig, device: str, trace_dir: Path, log) -> list[dict]:
+    # The nnx step first: its CUPTI timing cannot subscribe once torch's profiler has (CUPTI
+    # takes one subscriber, and torch's profiler keeps its subscription).
+    nnx_records = _run_nnx(cfg, device, log) if "nnx" in cfg.parts else []
     records = []
     if "train" in cfg.parts:
         from bench.model import train_torch
@@ -148,28 +151,22 @@ def run(cfg: configs.RunConfig, device: str, trace_dir: Path, log) -> list[dict]
         from bench.model import decode_torch
 
         records += decode_torch.run(cfg, device, trace_dir, log)
-    if "nnx" in cfg.parts:
-        why = _nnx_missing(device == "cuda")
-        if why is None:
-            import torch
+    return records + nnx_records
 
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()  # give the torch models' memory back for JAX
-            from bench.model import transformer_nnx
 
-            records += transformer_nnx.run(cfg, log)
-        else:
-            records.append(
-                dict(
-                    part="nnx",
-                    variant="all",
-                    label="nnx",
-                    layers=cfg.nnx_layers,
-                    status="missing",
-                    reason=why,
-                )
+def _run_nnx(cfg: configs.RunConfig, device: str, log) -> list[dict]:
+    why = _nnx_missing(device == "cuda")
+    if why is not None:
+        return [
+            dict(
+                part="nnx", variant="all", label="nnx", layers=cfg.nnx_layers, status="missing",
+                reason=why,
             )
+        ]  # fmt: skip
+    from bench.model import transformer_nnx
+
+    records = transformer_nnx.run(cfg, log)
+    gc.collect()
     return records
 
 
