@@ -305,13 +305,12 @@ def _present(*arrays) -> list:
     return [a for a in arrays if a is not None]
 
 
-def _fwd_outputs(cfg: Fwd, outs):
-    """(y, h or None, rstd or None) from the list of present outputs."""
-    outs = list(outs)
-    y = outs.pop(0)
-    h = outs.pop(0) if cfg.need_h else None
-    rstd = outs.pop(0) if cfg.save else None
-    return y, h, rstd
+def _unpack(items, *present) -> tuple:
+    """The inverse of _present: the first of items, then per flag of present the next item
+    where True, else None (e.g. (y, h or None, rstd or None) from the present outputs)."""
+    it = iter(items)
+    first = next(it)
+    return (first, *[next(it) if p else None for p in present])
 
 
 def _fwd_specs(cfg: Fwd, layout):
@@ -322,22 +321,6 @@ def _fwd_specs(cfg: Fwd, layout):
 def _fwd_in_specs(cfg: Fwd, layout):
     specs = [P(*layout)] * (1 + cfg.has_residual)
     return specs + ([P(layout[-1])] if cfg.has_weight else [])
-
-
-def _unpack_fwd_inputs(cfg: Fwd, arrays):
-    arrays = list(arrays)
-    x = arrays.pop(0)
-    residual = arrays.pop(0) if cfg.has_residual else None
-    weight = arrays.pop(0) if cfg.has_weight else None
-    return x, residual, weight
-
-
-def _bwd_outputs(cfg: Bwd, outs):
-    outs = list(outs)
-    dx = outs.pop(0)
-    dres = outs.pop(0) if cfg.dres_dtype is not None else None
-    dweight = outs.pop(0) if cfg.has_weight else None
-    return dx, dres, dweight
 
 
 def _bwd_specs(cfg: Bwd, layout):
@@ -364,7 +347,9 @@ def _fwd_block(cfg: Fwd, layout):
     hidden = _axes(layout[-1])
 
     def block(*arrays):
-        return tuple(_present(*local_fwd(cfg, *_unpack_fwd_inputs(cfg, arrays), hidden)))
+        return tuple(
+            _present(*local_fwd(cfg, *_unpack(arrays, cfg.has_residual, cfg.has_weight), hidden))
+        )
 
     return block
 
@@ -565,7 +550,8 @@ def rmsnorm_fwd(
     )
     place = where(x, residual, weight, axis_name=axis_name)
     hidden = _names(axis_name) if axis_name is not None else ()
-    return _fwd_outputs(cfg, _call(cfg, place, _present(x, residual, weight), hidden))
+    outs = _call(cfg, place, _present(x, residual, weight), hidden)
+    return _unpack(outs, cfg.need_h, cfg.save)
 
 
 def rmsnorm_bwd(
@@ -587,4 +573,5 @@ def rmsnorm_bwd(
     )
     place = where(dy, x, weight, dh, axis_name=axis_name)
     hidden = _names(axis_name) if axis_name is not None else ()
-    return _bwd_outputs(cfg, _call(cfg, place, _present(dy, x, rstd, weight, dh), hidden))
+    outs = _call(cfg, place, _present(dy, x, rstd, weight, dh), hidden)
+    return _unpack(outs, cfg.dres_dtype is not None, cfg.has_weight)

@@ -38,6 +38,8 @@ REDUCE_BLOCK_G, REDUCE_BLOCK_N = 256, 16  # dweight reduction tile (H100 sweep, 
 
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """(M, N) view of t with a contiguous last dim; copies only if no such view exists."""
+    if t.dim() == 2 and t.stride(1) == 1:  # the common case: t itself, no new view
+        return t
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
@@ -48,11 +50,6 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.stride(0) == 1 or t.shape[0] <= 1:
         return t
     return t.contiguous()
-
-
-def _check_triton(x: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError(f"{NO_TRITON} (got a tensor on {x.device})")
 
 
 def _row_stride(t2: torch.Tensor) -> int:
@@ -88,15 +85,15 @@ def rmsnorm_fwd_launch(x, residual, weight, eps, weight_offset, llama, h_dtype, 
     None with rstd=False: a forward no backward will follow).
     """
     if triton is None:
-        _check_triton(x)
+        raise RuntimeError(f"{NO_TRITON} (got a tensor on {x.device})")
     y, h, rstd_out = empty_fwd_outputs(x, h_dtype if residual is not None else None, rstd)
     flat = x.dim() != 2  # 2-D inputs (the common case) need no views
-    x2 = rows_view(x) if flat or x.stride(1) != 1 else x
+    x2 = rows_view(x)
     m, n = x2.shape
     if m == 0:
         return y, h, rstd_out
     if residual is not None:
-        r2 = rows_view(residual) if flat or residual.stride(1) != 1 else residual
+        r2 = rows_view(residual)
         h2 = h.view(m, n) if flat else h
     else:
         r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
@@ -125,18 +122,14 @@ def rmsnorm_bwd_launch(dy, x, weight, rstd, dh, weight_offset, dres_dtype):
     else None.
     """
     if triton is None:
-        _check_triton(x)
+        raise RuntimeError(f"{NO_TRITON} (got a tensor on {x.device})")
     dx, dres, dweight = empty_bwd_outputs(dy, x, weight, dres_dtype)
     flat = x.dim() != 2  # 2-D inputs (the common case) need no views
-    x2 = rows_view(x) if flat or x.stride(1) != 1 else x
-    dy2 = rows_view(dy) if flat or dy.stride(1) != 1 else dy
+    x2, dy2 = rows_view(x), rows_view(dy)
     m, n = x2.shape
     if m == 0:
         return dx, dres, dweight.zero_() if dweight is not None else None
-    if dh is not None:
-        dh2 = rows_view(dh) if flat or dh.stride(1) != 1 else dh
-    else:
-        dh2 = dy2
+    dh2 = rows_view(dh) if dh is not None else dy2
     if weight is not None and weight.stride(0) != 1:
         weight = _dense(weight)
     rstd = _dense(rstd.reshape(m)) if flat or rstd.stride(0) != 1 else rstd

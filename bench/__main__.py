@@ -40,6 +40,26 @@ GPU_OUT = HERE / "results"
 CPU_OUT = HERE / "results-cpu"
 
 
+def output_dir(out: Path | None, on_gpu: bool, sub: str = "") -> Path:
+    """Where results go: ``out`` if given, else ``bench/results/<card>/<sub>`` on a GPU and
+    ``bench/results-cpu/<sub>`` on a CPU. ValueError for a CPU run aimed at the committed
+    GPU results."""
+    if out is None:
+        if on_gpu:
+            import torch
+
+            out = GPU_OUT / card_slug(torch.cuda.get_device_name(0))
+        else:
+            out = CPU_OUT
+        out = out / sub if sub else out
+    if not on_gpu and out.resolve().is_relative_to(GPU_OUT):
+        raise ValueError(
+            f"{out} is under {GPU_OUT.relative_to(HERE.parent)}, which holds the "
+            "committed GPU results; a CPU run writes elsewhere (--out DIR)"
+        )
+    return out
+
+
 def card_slug(device_name: str) -> str:
     """A folder name for a GPU: ``"NVIDIA H200"`` -> ``"h200"``, vendor prefix dropped."""
     name = re.sub(r"^\s*nvidia\s+", "", device_name.lower())
@@ -130,16 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out is None:
-        out = GPU_OUT / card_slug(torch.cuda.get_device_name(0)) if on_gpu else CPU_OUT
-    else:
-        out = args.out
-    if not on_gpu and out.resolve().is_relative_to(GPU_OUT):
-        print(
-            f"error: {out} is under {GPU_OUT.relative_to(HERE.parent)}, which holds the "
-            "committed GPU results; a CPU run writes elsewhere (--out DIR)",
-            file=sys.stderr,
-        )
+    try:
+        out = output_dir(args.out, on_gpu)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     cfg = runner.Config(

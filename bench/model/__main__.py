@@ -20,7 +20,7 @@ from pathlib import Path
 # Before JAX is imported: share the GPU with torch instead of grabbing 75% of it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from bench.__main__ import CPU_OUT, GPU_OUT, HERE, card_slug  # noqa: E402
+from bench.__main__ import output_dir  # noqa: E402
 from bench.model import configs  # noqa: E402
 from bench.model import report as report_mod  # noqa: E402
 
@@ -203,16 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = "cuda" if on_gpu else "cpu"
-    if args.out is not None:
-        out = args.out
-    else:
-        out = (GPU_OUT / card_slug(torch.cuda.get_device_name(0)) if on_gpu else CPU_OUT) / "model"
-    if not on_gpu and out.resolve().is_relative_to(GPU_OUT):
-        print(
-            f"error: {out} is under {GPU_OUT.relative_to(HERE.parent)}, which holds the "
-            "committed GPU results; a CPU run writes elsewhere (--out DIR)",
-            file=sys.stderr,
-        )
+    try:
+        out = output_dir(args.out, on_gpu, "model")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from bench import runner
 
