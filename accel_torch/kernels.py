@@ -523,9 +523,10 @@ def fwd_launch(
     load made the kernel slower (4096x16384: 92 -> 101 us).
     Widths between powers of two from 2048 to 8192 (3072 ... 7168): fewer warps, so more
     rows are in flight per SM; the forward takes the row as two parts where the first is
-    4096 or more (4096x5120: 29.1 -> 28.2 us cold, 4608: 28.5 -> 26.9), the fused op one
-    padded block with the weight loaded early (4096x5120: 46.4 -> 45.9). bench/NOTES.md has
-    the sweeps.
+    4096 or more (4096x5120: 29.1 -> 28.2 us cold, 4608: 28.5 -> 26.9; with a tail of at
+    most an eighth of it, 4608, the weight early: 26.9 -> 25.6), else a padded block (7168:
+    8 warps, 36.0 -> 34.8), the fused op one padded block with the weight loaded early
+    (4096x5120: 46.4 -> 45.9). bench/NOTES.md has the sweeps.
     """
     block_n, looped = row_block(n)
     if looped:
@@ -537,10 +538,10 @@ def fwd_launch(
         return (block_n, 0, 0), 1, False, 4, True
     parts = row_parts(n)
     if parts[2] == 0 and parts[0] >= 4096:
-        return parts, 1, False, 4, False
+        return parts, 1, False, 4, 8 * parts[1] <= parts[0]  # a short tail: weight early
     if block_n <= 4096:
         return (block_n, 0, 0), 2, False, 8, False
-    return (block_n, 0, 0), 1, False, 4, False
+    return (block_n, 0, 0), 1, False, 8, False
 
 
 @functools.cache

@@ -4,11 +4,12 @@
     python scripts/tune_torch.py            # prints one line per (op, shape, setting)
     python scripts/tune_torch.py fwd 2048x4096 8192x4096   # one op, some shapes
     python scripts/tune_torch.py --quick fwd fused 4096x5120   # one row per program, no loops
+    python scripts/tune_torch.py --dense fwd 4096x5120   # up to 128 elements per thread, no loops
 
 Ops: fwd, fused (forward layouts: padded block, power-of-two parts, looped), bwd (persistent
 programs, warps, prefetch), dweight (partials + a reduction kernel against column programs),
 fwdbwd (the public API), host (eager host time: direct launches against Triton's, and a
-profile).
+profile), parts (where an eager forward+backward's host time goes; only when asked).
 
 Times each setting as the bench does (bench/timing.py): cold = L2 flushed, GPU spin before
 the call, CUDA events, median; warm = CUDA-graph replay. Both in us, each beside the
@@ -91,17 +92,18 @@ def sweep_fwd(x, w, y, rstd, dtype, fused=False):
         f"default (parts, ROWS, LOOPED, warps, EARLY_WEIGHT) = {default}",
         flush=True,
     )
-    layouts = [lay for lay in fwd_layouts(n) if not (QUICK and lay[2])]
+    layouts = [lay for lay in fwd_layouts(n) if not ((QUICK or DENSE) and lay[2])]
+    per_thread = 128 if DENSE else 64
     for (name, parts, looped), rows, warps, early in itertools.product(
-        layouts, (1,) if QUICK else (1, 2), (4, 8, 16), (False, True)
+        layouts, (1,) if QUICK else (1, 2), (4, 8) if DENSE else (4, 8, 16), (False, True)
     ):
         width = rows * sum(parts)
         if (looped and (rows > 1 or early)) or width > 2 * kernels.MAX_BLOCK_N:
             continue
         if not looped and rows * parts[0] < kernels.FWD_MIN_ELEMS:
             continue
-        if warps * 32 * 4 > rows * parts[0] or warps * 32 * 64 < width:
-            continue  # 4 to 64 elements per thread
+        if warps * 32 * 4 > rows * parts[0] or warps * 32 * per_thread < width:
+            continue  # 4 to 64 (--dense: 128) elements per thread
         times = both(lambda: fwd(x, w, y, rstd, parts, rows, looped, warps, early, r, h))
         is_default = (parts, rows, looped, warps, early) == default
         label = f"{name} rows={rows} warps={warps} early_weight={early}"
@@ -132,9 +134,24 @@ def sweep_bwd_dweight(x, w, dtype):
     kernels.BWD_COLUMN_ROWS, kernels.BWD_DW_COLS, launch.BWD_DW_ROWS = saved
 
 
+def host_us(fn, calls=1000):
+    """Host us per call of fn, after 200 calls of warm-up (the GPU drained before and after)."""
+    import time
+
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
 def host_times():
     """Host us per eager call at 1x4096 bf16: the direct launcher, then Triton's own launch."""
-    import time
+    import threading
 
     from accel_torch import launch
 
@@ -145,7 +162,28 @@ def host_times():
         torch.randn_like(x),
     )
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    _, _, rstd = launch.rmsnorm_fwd_launch(x, None, w, 1e-6, 0.0, False, None)
+
+    threads = set()
+
+    class Empty(torch.autograd.Function):  # a Python Function that launches nothing
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w = ctx.saved_tensors
+            threads.add(threading.get_ident())
+            return torch.empty_like(x), torch.empty_like(w)
+
     calls = {
+        # the pieces of an eager forward+backward, for where its host time goes
+        "grad(x * w)": lambda: torch.autograd.grad(xg * wg, (xg, wg), dy),
+        "Empty Function fwdbwd": lambda: torch.autograd.grad(Empty.apply(xg, wg), (xg, wg), dy),
+        "fwd with graph": lambda: accel_torch.rmsnorm(xg, wg),
+        "bwd launch": lambda: launch.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None),
         "F.rms_norm fwd": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
         "fwd": lambda: accel_torch.rmsnorm(x, w),
         "fused": lambda: accel_torch.rmsnorm_residual_fused(x, r, w, return_residual=True),
@@ -161,18 +199,12 @@ def host_times():
             for launcher in launchers:
                 launcher.direct = direct
             for name, fn in calls.items():
-                for _ in range(200):
-                    fn()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(1000):
-                    fn()
-                us = (time.perf_counter() - t0) / 1000 * 1e6
-                torch.cuda.synchronize()
+                us = host_us(fn)
                 key = f"{'direct' if direct else 'triton'} {name}"
                 results[key] = min(results.get(key, us), us)
     for key, us in results.items():
         print(f"host {key}: {us:.1f} us", flush=True)
+    print(f"backward on the calling thread: {threads == {threading.get_ident()}}", flush=True)
     for launcher in launchers:
         launcher.direct = True
     import cProfile
@@ -183,6 +215,54 @@ def host_times():
         profile.runcall(lambda: [calls[name]() for _ in range(2000)])
         print(f"profile of 2000 {name} calls (direct launches):", flush=True)
         pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+
+
+def host_parts():
+    """Where an eager forward+backward's host time goes (1x4096 bf16, direct launches): the
+    public call against itself with the forward's or the backward's launches replaced by
+    bare allocations, with Python's collector off, and through Tensor.backward."""
+    import gc
+
+    from accel_torch import ops
+
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4096, device="cuda", dtype=x.dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    real_fwd, real_bwd = ops.rmsnorm_fwd_launch, ops.rmsnorm_bwd_launch
+
+    def no_fwd(x, residual, weight, *args):
+        return torch.empty_like(x), None, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    def no_bwd(dy, x, weight, *args):
+        return torch.empty_like(dy), None, torch.empty_like(weight)
+
+    def fwdbwd():
+        return torch.autograd.grad(accel_torch.rmsnorm(x, w), (x, w), dy)
+
+    def fwd_graph():
+        return accel_torch.rmsnorm(x, w)
+
+    def backward():
+        accel_torch.rmsnorm(x, w).backward(dy)
+        x.grad = w.grad = None
+
+    variants = [
+        ("as is", real_fwd, real_bwd, fwdbwd),
+        ("no fwd launch", no_fwd, real_bwd, fwdbwd),
+        ("no bwd launch", real_fwd, no_bwd, fwdbwd),
+        ("no launches", no_fwd, no_bwd, fwdbwd),
+        ("Tensor.backward", real_fwd, real_bwd, backward),
+        ("fwd with graph", real_fwd, real_bwd, fwd_graph),
+        ("fwd with graph, no launch", no_fwd, real_bwd, fwd_graph),
+    ]
+    for collector in (True, False):
+        (gc.enable if collector else gc.disable)()
+        for name, f, b, fn in variants:
+            ops.rmsnorm_fwd_launch, ops.rmsnorm_bwd_launch = f, b
+            us = min(host_us(fn) for _ in range(3))
+            print(f"host parts, gc {'on' if collector else 'off'}, {name}: {us:.1f} us", flush=True)
+    gc.enable()
+    ops.rmsnorm_fwd_launch, ops.rmsnorm_bwd_launch = real_fwd, real_bwd
 
 
 def sweep_bwd(x, w, rstd, dtype):
@@ -224,13 +304,13 @@ def public_fwdbwd(x, w, dtype):
     )
 
 
-QUICK = False
+QUICK = DENSE = False
 
 
 def main(argv):
-    global QUICK
-    QUICK = "--quick" in argv
-    ops = [a for a in argv if a in ("fwd", "fused", "bwd", "dweight", "fwdbwd", "host")]
+    global QUICK, DENSE
+    QUICK, DENSE = "--quick" in argv, "--dense" in argv
+    ops = [a for a in argv if a in ("fwd", "fused", "bwd", "dweight", "fwdbwd", "host", "parts")]
     ops = ops or ["fwd", "fused", "bwd", "dweight", "fwdbwd", "host"]
     names = [a for a in argv if "x" in a] or list(GPU_SHAPES)
     torch.manual_seed(0)
@@ -243,6 +323,8 @@ def main(argv):
     )
     if "host" in ops:
         host_times()
+    if "parts" in ops:
+        host_parts()
     for name in names:
         shape = parse_shape(name)
         m, n = shape.rows, shape.hidden

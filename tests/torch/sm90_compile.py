@@ -37,7 +37,7 @@ def _variants():
     superset of what the ops launch)."""
     for dtype, residual, weight, llama, layout in itertools.product(
         ("bf16", "fp32"), (False, True), (False, True), (False, True),
-        ("late", "early", "looped", "parts"),
+        ("late", "early", "looped", "parts", "parts_early"),
     ):  # fmt: skip
         looped = layout == "looped"
         p = f"*{dtype}"
@@ -45,10 +45,12 @@ def _variants():
         types |= dict(stride_y="i32", stride_h="i32", M="i32", N="i32", eps="fp32")
         types |= dict(weight_offset="fp32")
         block, rows = (kernels.LOOP_BLOCK_N, 1) if looped else (4096, 2)
-        parts = kernels.row_parts(7168) if layout == "parts" else (block, 0, 0)
+        parts = kernels.row_parts(7168) if layout.startswith("parts") else (block, 0, 0)
         const = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, LLAMA=llama)
         const |= dict(zip(("BLOCK_N", "BLOCK_N1", "BLOCK_N2"), parts, strict=True))
-        const |= dict(ROWS=rows, LOOPED=looped, SOFT_BF16=False, EARLY_WEIGHT=layout == "early")
+        const |= dict(
+            ROWS=rows, LOOPED=looped, SOFT_BF16=False, EARLY_WEIGHT=layout.endswith("early")
+        )
         const |= dict(STORE_RSTD=not residual)
         yield f"fwd {dtype} {const}", kernels.rmsnorm_fwd_kernel, types, const
     for dtype, chunks, prefetch, weight, dh, dw_cols in itertools.product(
