@@ -1,6 +1,7 @@
 """Sweep the Pallas kernels' launch parameters on a GPU against JAX's same-bytes copy.
 
     python scripts/tune_jax.py               # prints one line per (op, shape, setting)
+    python scripts/tune_jax.py --widths      # forward and fused at 4096 x 3072 ... 7168
 
 Device time from CUPTI (bench.jax_timing), warm and L2-flushed cold, in us. Used to choose
 the launch shapes in accel_jax/kernels.py; results go to bench/NOTES.md.
@@ -12,6 +13,7 @@ first setting again.
 
 import itertools
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -22,6 +24,7 @@ import accel_jax.kernels as K  # noqa: E402
 from bench.jax_timing import cold, copy_fn, load_profiler, warm  # noqa: E402
 
 SHAPES = [(256, 4096), (2048, 4096), (8192, 4096), (2048, 8192), (4096, 7168), (4096, 16384)]
+WIDTHS = [(4096, n) for n in (3072, 3584, 4608, 5120, 6144, 7168)]
 FLUSH_BYTES = 256 << 20
 CALLS = 20
 
@@ -45,10 +48,10 @@ def copy_us(measure, nbytes):
     return time_us(measure, f, args)
 
 
-def fwd(x, w):
+def fwd(x, w, r=None):
     return K.rmsnorm_fwd(
-        x, None, w, eps=1e-6, weight_offset=0.0, llama=False, out_dtype=x.dtype,
-        round_dtype=x.dtype, store_h=False, store_rstd=True, interpret=False,
+        x, r, w, eps=1e-6, weight_offset=0.0, llama=False, out_dtype=x.dtype,
+        round_dtype=x.dtype, store_h=r is not None, store_rstd=True, interpret=False,
     )  # fmt: skip
 
 
@@ -67,11 +70,39 @@ def patched(module, **values):
     return lambda: [setattr(module, k, v) for k, v in old.items()]
 
 
-def main():
+def sweep_forward(measure, x, w, r=None):
+    """The forward (fused with r) over rows per program and warps."""
+    (m, n), fused = x.shape, r is not None
+    cw, cc = copy_us(measure, (4 if fused else 2) * m * n * 2)
+    base = K.fwd_launch(m, n)
+    name = "fused" if fused else "fwd"
+    print(f"{name} {m}x{n}: copy warm {cw:.1f} cold {cc:.1f}; default {base}", flush=True)
+    for rows, warps in itertools.product(sorted({1, 2, base.rows}), (4, 8, 16)):
+        launch = K.RowLaunch(base.block_n, rows, base.looped, warps, base.num_stages)
+        restore = patched(K, fwd_launch=lambda *_, launch=launch: launch)
+        tw, tc = time_us(measure, fwd, (x, w) if r is None else (x, w, r))
+        restore()
+        print(
+            f"  rows={rows} warps={warps}: warm {tw:.1f} ({cw / tw:.0%}) "
+            f"cold {tc:.1f} ({cc / tc:.0%})",
+            flush=True,
+        )
+
+
+def main(argv):
     measure, why = load_profiler()
     if measure is None:
         raise SystemExit(f"needs CUPTI on a GPU: {why}")
     print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    if "--widths" in argv:
+        for m, n in WIDTHS:
+            kx, kr = jax.random.split(jax.random.PRNGKey(0))
+            x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
+            r = jax.random.normal(kr, (m, n), jnp.float32).astype(jnp.bfloat16)
+            w = jnp.ones((n,), jnp.bfloat16)
+            sweep_forward(measure, x, w)
+            sweep_forward(measure, x, w, r)
+        return
     for m, n in SHAPES:
         kx, kd = jax.random.split(jax.random.PRNGKey(0))
         x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
@@ -79,19 +110,7 @@ def main():
         w = jnp.ones((n,), jnp.bfloat16)
         rstd = jax.jit(fwd)(x, w)[2]
 
-        cw, cc = copy_us(measure, 2 * m * n * 2)
-        base = K.fwd_launch(m, n)
-        print(f"fwd {m}x{n}: copy warm {cw:.1f} cold {cc:.1f}; default {base}", flush=True)
-        for rows, warps in itertools.product(sorted({1, 2, base.rows}), (4, 8, 16)):
-            launch = K.RowLaunch(base.block_n, rows, base.looped, warps, base.num_stages)
-            restore = patched(K, fwd_launch=lambda mm, nn, launch=launch: launch)
-            tw, tc = time_us(measure, fwd, (x, w))
-            restore()
-            print(
-                f"  rows={rows} warps={warps}: warm {tw:.1f} ({cw / tw:.0%}) "
-                f"cold {tc:.1f} ({cc / tc:.0%})",
-                flush=True,
-            )
+        sweep_forward(measure, x, w)
 
         cw, cc = copy_us(measure, 3 * m * n * 2)
         print(f"bwd {m}x{n}: copy(3MN) warm {cw:.1f} cold {cc:.1f}", flush=True)
@@ -115,4 +134,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
