@@ -14,9 +14,12 @@ program keeps whole rows in registers; beyond that it loops over ``LOOP_BLOCK`` 
 passes over the row (statistics, then output). The single-block backward walks rows wider
 than ``BWD_MAX_CHUNK`` in chunks, keeping one dweight accumulator per chunk.
 
-Backward is deterministic: a fixed number of programs G (from the shape only) each write
-one fp32 row of dweight partial sums, and ``rmsnorm_dweight_reduce`` sums those rows in a
-fixed order. No atomics.
+Backward is deterministic (no atomics), dweight summed in fp32 in a fixed order. Single
+block with a weight and at most ``BWD_COLUMN_ROWS`` rows: one launch, whose programs past
+the G row programs each sum one tile of dweight's columns over all rows (re-reading x and
+dy, mostly from L2) and write it. Otherwise (more rows, or the looped path) a fixed number
+of programs G (from the shape only) each write one fp32 row of dweight partial sums, and
+``rmsnorm_dweight_reduce`` sums those rows.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ BWD_MAX_PROGRAMS = 256
 BWD_MAX_PROGRAMS_WIDE = 128
 # Widest column chunk of the single-block backward (a wider row is walked in chunks).
 BWD_MAX_CHUNK = 8192
+# Up to this many rows the single-block backward sums dweight by column programs of its own
+# launch (one launch instead of two), each over a (BWD_DW_ROWS, BWD_DW_COLS) tile (twice
+# the columns past 4096): accel_torch's layout (H200, torch: 256x4096 12.3 -> 8.0 us cold).
+BWD_COLUMN_ROWS = 1024
+BWD_DW_COLS, BWD_DW_ROWS = 32, 32
 # Looped-path dweight kernel: tile (rows x columns) and program cap over rows.
 DW_TILE_ROWS = 8
 DW_TILE_COLS = 1024
@@ -359,9 +367,17 @@ def bwd_chunks(launch: RowLaunch) -> int:
     return max(1, launch.block_n // BWD_MAX_CHUNK)
 
 
+def bwd_dw_cols(m: int, n: int) -> int:
+    """Columns per dweight column program of the single-block backward with a weight; 0
+    above BWD_COLUMN_ROWS rows (per-program partials and rmsnorm_dweight_reduce instead)."""
+    if m > BWD_COLUMN_ROWS:
+        return 0
+    return BWD_DW_COLS if n <= 4096 else 2 * BWD_DW_COLS
+
+
 def _bwd_refs(refs, has_weight, has_dh, store_dres, store_dw):
     """The backward kernels' refs in rmsnorm_bwd's order, None where absent:
-    (dy, x, rstd, w, dh) inputs, then (dx, dres, dweight partials) outputs."""
+    (dy, x, rstd, w, dh) inputs, then (dx, dres, dweight or its partials) outputs."""
     it = iter(refs)
     dy_ref, x_ref, rstd_ref = next(it), next(it), next(it)
     w_ref = next(it) if has_weight else None
@@ -372,8 +388,31 @@ def _bwd_refs(refs, has_weight, has_dh, store_dres, store_dw):
     return dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, dwp_ref
 
 
-def _bwd_kernel(
-    *refs,
+def _bwd_kernel(*refs, m, n, programs, has_weight, has_dh, store_dres, dw_cols, **rows_args):
+    """Single-block backward: programs 0..G-1 take the rows (_bwd_rows). dw_cols = 0: each
+    also sums its rows' dweight into its row of the (G, N) fp32 partials (the last output).
+    dw_cols > 0: programs G, G+1, ... instead each sum dweight for dw_cols columns over all
+    rows (_bwd_dw_columns) into the last output, dweight (N,) itself."""
+    refs = _bwd_refs(refs, has_weight, has_dh, store_dres, has_weight)
+    pid = pl.program_id(0)
+    rows = functools.partial(
+        _bwd_rows, refs, pid, m=m, n=n, programs=programs, has_weight=has_weight,
+        has_dh=has_dh, store_dres=store_dres, store_dw=has_weight and not dw_cols, **rows_args,
+    )  # fmt: skip
+    if not dw_cols:
+        rows()
+        return
+    dy_ref, x_ref, rstd_ref, *_, dw_ref = refs
+    columns = functools.partial(
+        _bwd_dw_columns, dy_ref, x_ref, rstd_ref, dw_ref, pid - programs, m=m, n=n, cols=dw_cols
+    )
+    lax.cond(pid < programs, rows, columns)
+
+
+def _bwd_rows(
+    refs,
+    pid,
+    *,
     m,
     n,
     launch: RowLaunch,
@@ -384,7 +423,8 @@ def _bwd_kernel(
     store_dres,
     store_dw,
 ):
-    """Single-block backward: G programs stride over row blocks, dweight kept in registers.
+    """Row program pid of the single-block backward: the G programs stride over row blocks,
+    dweight (store_dw) kept in registers and written to row pid of the partials.
 
     One chunk: the next block's x and dy are loaded before this block's reduction (a loop
     carry; a block's reduction sits between its loads and stores, so little else would be
@@ -392,13 +432,10 @@ def _bwd_kernel(
     the chunks' summed g * x, then dx chunk by chunk from reloaded x and dy (mostly L1/L2
     hits), one dweight accumulator per chunk.
     """
-    dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, dwp_ref = _bwd_refs(
-        refs, has_weight, has_dh, store_dres, store_dw
-    )
+    dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, dwp_ref = refs
 
     chunks = bwd_chunks(launch)
     rows, cols = launch.rows, launch.block_n // chunks
-    pid = pl.program_id(0)
     n_blocks = pl.cdiv(m, rows)
     steps = pl.cdiv(n_blocks, programs)
     always_full = m % rows == 0 and n_blocks % programs == 0
@@ -534,18 +571,16 @@ def _bwd_dx_looped_kernel(
             _store(dres_ref.at[idx], dx, mask)
 
 
-def _bwd_dw_looped_kernel(dy_ref, x_ref, rstd_ref, dwp_ref, *, m, n, programs):
-    """Looped-path dweight partials: program (g, j) sums rows g, g+G, ... of column tile j."""
-    rows, cols = DW_TILE_ROWS, DW_TILE_COLS
-    pid = pl.program_id(0)
-    c0 = pl.program_id(1) * cols
+def _dw_tile_sum(dy_ref, x_ref, rstd_ref, c0, first, stride, *, m, n, rows, cols):
+    """(cols,) fp32 sum of dy * (x * rstd) over row blocks first, first + stride, ... (of
+    `rows` rows) of the columns from c0, always in that order; and the column mask."""
     col_mask = _col_mask(c0, cols, n)
     n_blocks = pl.cdiv(m, rows)
-    steps = pl.cdiv(n_blocks, programs)
-    always_full = m % rows == 0 and n_blocks % programs == 0
+    steps = pl.cdiv(n_blocks, stride)
+    always_full = m % rows == 0 and n_blocks % stride == 0
 
     def body(i, acc):
-        r0 = (pid + i * programs) * rows
+        r0 = (first + i * stride) * rows
         row_mask = _row_ids(r0, rows, m, always_full)
         mask = _mask(row_mask, col_mask)
         idx = (_ds(r0, rows), _ds(c0, cols))
@@ -555,11 +590,29 @@ def _bwd_dw_looped_kernel(dy_ref, x_ref, rstd_ref, dwp_ref, *, m, n, programs):
         return acc + dy * (x * rstd[:, None])
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), F32))
-    _store(
-        dwp_ref.at[_ds(pid, 1), _ds(c0, cols)],
-        jnp.sum(acc, axis=0)[None, :],
-        _mask(None, col_mask),
+    return jnp.sum(acc, axis=0), col_mask
+
+
+def _bwd_dw_columns(dy_ref, x_ref, rstd_ref, dw_ref, block, *, m, n, cols):
+    """Column program `block` of the single-block backward: dweight's columns from
+    block * cols (cols of them) summed over all rows, BWD_DW_ROWS at a time, rounded once
+    to dweight's dtype."""
+    c0 = block * cols
+    dw, col_mask = _dw_tile_sum(
+        dy_ref, x_ref, rstd_ref, c0, 0, 1, m=m, n=n, rows=BWD_DW_ROWS, cols=cols
     )
+    _store(dw_ref.at[_ds(c0, cols)], dw, col_mask)
+
+
+def _bwd_dw_looped_kernel(dy_ref, x_ref, rstd_ref, dwp_ref, *, m, n, programs):
+    """Looped-path dweight partials: program (g, j) sums rows g, g+G, ... of column tile j."""
+    cols = DW_TILE_COLS
+    pid = pl.program_id(0)
+    c0 = pl.program_id(1) * cols
+    dw, col_mask = _dw_tile_sum(
+        dy_ref, x_ref, rstd_ref, c0, pid, programs, m=m, n=n, rows=DW_TILE_ROWS, cols=cols
+    )
+    _store(dwp_ref.at[_ds(pid, 1), _ds(c0, cols)], dw[None, :], _mask(None, col_mask))
 
 
 def _dw_reduce_kernel(p_ref, dw_ref, *, g, n, block_g, block_n):
@@ -606,6 +659,11 @@ def rmsnorm_bwd(
 ):
     """Backward kernels.
 
+    Single block (N <= SINGLE_BLOCK_MAX) with a weight and M <= BWD_COLUMN_ROWS: one launch,
+    dweight summed by its column programs. Single block with more rows: the launch writes
+    (G, N) fp32 partials and rmsnorm_dweight_reduce sums them. Looped (wider rows): dx by
+    one kernel, partials by a second, their reduction a third. No weight: the dx launch only.
+
     dy: (M, N) cotangent of y. x: (M, N) the normalized input (x, or h when fused).
     rstd: (M,) fp32 saved by the forward. weight: None or (N,). dh: None or (M, N) cotangent
     of h (fused), added to dx. dx_dtype: dtype of dx; dres_dtype: None or a second dtype in
@@ -625,21 +683,29 @@ def rmsnorm_bwd(
         weight_offset=weight_offset, has_weight=has_weight, has_dh=has_dh, store_dres=store_dres
     )
 
+    dweight = partial = None
     if not launch.looped:
         programs = bwd_programs(m, launch.rows, launch.block_n)
+        dw_cols = bwd_dw_cols(m, n) if has_weight else 0
         out_shape = list(grad_shapes)
-        if has_weight:
+        if dw_cols:
+            out_shape.append(jax.ShapeDtypeStruct((n,), weight.dtype))
+        elif has_weight:
             out_shape.append(jax.ShapeDtypeStruct((programs, n), F32))
         kernel = functools.partial(
-            _bwd_kernel, m=m, n=n, launch=launch, programs=programs, store_dw=has_weight, **flags
+            _bwd_kernel, m=m, n=n, launch=launch, programs=programs, dw_cols=dw_cols, **flags
         )
+        grid = (programs + (pl.cdiv(n, dw_cols) if dw_cols else 0),)
         outs = list(
             _pallas(
-                kernel, "rmsnorm_bwd", out_shape, (programs,), bwd_num_warps(launch), 1,
+                kernel, "rmsnorm_bwd", out_shape, grid, bwd_num_warps(launch), 1,
                 interpret=interpret,
             )(*inputs)
         )  # fmt: skip
-        partial = outs.pop() if has_weight else None
+        if dw_cols:
+            dweight = outs.pop()
+        elif has_weight:
+            partial = outs.pop()
     else:
         kernel = functools.partial(_bwd_dx_looped_kernel, n=n, launch=launch, **flags)
         outs = list(
@@ -648,7 +714,6 @@ def rmsnorm_bwd(
                 interpret=interpret,
             )(*inputs)
         )  # fmt: skip
-        partial = None
         if has_weight:
             programs = max(1, min(pl.cdiv(m, DW_TILE_ROWS), DW_LOOPED_MAX_PROGRAMS))
             partial = _pallas(
@@ -661,8 +726,7 @@ def rmsnorm_bwd(
             )(dy, x, rstd)
     dx = outs[0]
     dres = outs[1] if store_dres else None
-    dweight = None
-    if has_weight:
+    if partial is not None:
         dweight = rmsnorm_dweight_reduce(partial, weight.dtype, interpret=interpret)
     return dx, dres, dweight
 
@@ -670,6 +734,7 @@ def rmsnorm_bwd(
 __all__ = [
     "UNAVAILABLE",
     "RowLaunch",
+    "bwd_dw_cols",
     "bwd_programs",
     "fwd_launch",
     "next_pow2",
