@@ -140,11 +140,15 @@ def row_launch(m: int, n: int) -> RowLaunch:
     return RowLaunch(block, rows, False, _warps(block * rows), 1)
 
 
-def fwd_launch(m: int, n: int) -> RowLaunch:
-    """Forward launch shape: row_launch's, except that rows of 4096 columns go two to a
-    program with 16 warps (H100 sweep in bench/NOTES.md: 2048x4096 cold 13.7 -> 13.0 us)."""
+def fwd_launch(m: int, n: int, fused: bool = False) -> RowLaunch:
+    """Forward launch shape (fused: with a residual): row_launch's, except that blocks of
+    4096 columns go two rows to a program with 16 warps (H100 sweep in bench/NOTES.md:
+    2048x4096 cold 13.7 -> 13.0 us), but for a plain forward of fewer columns, one row
+    with 4 warps (H200, 4096x3072: 16.5 -> 14.9 us cold)."""
     launch = row_launch(m, n)
     if launch.block_n == 4096 and not launch.looped and m > 1:
+        if n < 4096 and not fused:
+            return dataclasses.replace(launch, rows=1, num_warps=4)
         return dataclasses.replace(launch, rows=2, num_warps=16)
     return launch
 
@@ -309,7 +313,7 @@ def rmsnorm_fwd(
     Returns (y (M, N) out_dtype, h (M, N) round_dtype or None, rstd (M,) fp32 or None).
     """
     m, n = x.shape
-    launch = fwd_launch(m, n)
+    launch = fwd_launch(m, n, residual is not None)
     has_residual = residual is not None
     has_weight = weight is not None
     store_h = store_h and has_residual

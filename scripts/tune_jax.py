@@ -74,7 +74,7 @@ def sweep_forward(measure, x, w, r=None):
     """The forward (fused with r) over rows per program and warps."""
     (m, n), fused = x.shape, r is not None
     cw, cc = copy_us(measure, (4 if fused else 2) * m * n * 2)
-    base = K.fwd_launch(m, n)
+    base = K.fwd_launch(m, n, fused)
     name = "fused" if fused else "fwd"
     print(f"{name} {m}x{n}: copy warm {cw:.1f} cold {cc:.1f}; default {base}", flush=True)
     for rows, warps in itertools.product(sorted({1, 2, base.rows}), (4, 8, 16)):

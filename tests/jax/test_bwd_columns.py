@@ -189,7 +189,7 @@ def test_dx_is_bit_equal_between_the_reductions():
     code. Interpret mode runs on XLA:CPU, which decides per compiled program whether to
     contract a * b - c into an FMA and how to vectorize a sum (fp32 dx came out 1 ulp apart
     between the two launches at (1, 20) and (2, 9000), from the same HLO). So this runs in a
-    process whose XLA targets SSE4.2 (no FMA instructions) on inputs whose row sums are
+    process whose XLA targets AVX (no FMA instructions) on inputs whose row sums are
     exact, where every evaluation gives the same bits."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX"
     run_python(_BITS_SCRIPT, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import accel_jax
-from accel_jax import ops
+from accel_jax import kernels, ops
 from tests.jax.helpers import (
     assert_grad_close,
     assert_output_close,
@@ -334,8 +334,13 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch, shape):
     def plain(x):
         return jax.grad(lambda x: jnp.sum(accel_jax.rmsnorm(x).astype(jnp.float32)))(x)
 
+    # train: the forward, then the backward: dx with dweight by column programs in one
+    # launch (up to BWD_COLUMN_ROWS rows), else with partials and their reduction; looped:
+    # dx, partials, reduction.
+    m = x.size // shape[-1]
     looped = shape[-1] > 16384
-    for f, args, kernels_expected in ((train, (x, r, w), 4 if looped else 3), (plain, (x,), 2)):
+    bwd = 3 if looped else 1 if m <= kernels.BWD_COLUMN_ROWS else 2
+    for f, args, kernels_expected in ((train, (x, r, w), 1 + bwd), (plain, (x,), 2)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == kernels_expected, f
 
