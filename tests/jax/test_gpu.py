@@ -24,6 +24,9 @@ from tests.jax.helpers import (
 pytestmark = pytest.mark.gpu
 
 SHAPES = [(2048, 4096), (8192, 4096), (4096, 16384), (64, 65536), (32, 131072)]
+# The backward's single launch (dweight by column programs): at most BWD_COLUMN_ROWS rows,
+# ragged against its tiles, 32 and 64 columns per program, two chunks per row.
+FEW_ROWS = [(1, 4096), (256, 4096), (257, 3584), (600, 6144), (1024, 4096), (5, 16384)]
 DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
 
 
@@ -76,7 +79,7 @@ def test_fused_real_sizes(shape):
         assert_output_close(y, ref)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + FEW_ROWS, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_backward_real_sizes(shape, dtype):
     n = shape[-1]
@@ -90,7 +93,7 @@ def test_backward_real_sizes(shape, dtype):
     assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
 
 
-@pytest.mark.parametrize("shape", [(8192, 4096), (64, 65536)], ids=str)
+@pytest.mark.parametrize("shape", [(8192, 4096), (64, 65536), (256, 4096), (600, 6144)], ids=str)
 def test_fused_backward_real_sizes(shape):
     n = shape[-1]
     x = rand(9, shape, jnp.bfloat16)
@@ -114,7 +117,7 @@ def test_fused_backward_real_sizes(shape):
     assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
 
 
-@pytest.mark.parametrize("shape", [(8192, 4096), (32, 131072)], ids=str)
+@pytest.mark.parametrize("shape", [(8192, 4096), (32, 131072), (256, 4096)], ids=str)
 def test_dweight_deterministic_on_gpu(shape):
     x = rand(14, shape, jnp.bfloat16)
     w = rand(15, (shape[-1],), jnp.float32)
