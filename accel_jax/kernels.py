@@ -313,8 +313,8 @@ def rmsnorm_fwd(
     Returns (y (M, N) out_dtype, h (M, N) round_dtype or None, rstd (M,) fp32 or None).
     """
     m, n = x.shape
-    launch = fwd_launch(m, n, residual is not None)
     has_residual = residual is not None
+    launch = fwd_launch(m, n, has_residual)
     has_weight = weight is not None
     store_h = store_h and has_residual
     out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]

@@ -2,6 +2,7 @@
 
     python scripts/tune_jax.py               # prints one line per (op, shape, setting)
     python scripts/tune_jax.py --widths      # forward and fused at 4096 x 3072 ... 7168
+    python scripts/tune_jax.py --columns     # the few-row backward (one launch): warps, stages
 
 Device time from CUPTI (bench.jax_timing), warm and L2-flushed cold, in us. Used to choose
 the launch shapes in accel_jax/kernels.py; results go to bench/NOTES.md.
@@ -25,6 +26,7 @@ from bench.jax_timing import cold, copy_fn, load_profiler, warm  # noqa: E402
 
 SHAPES = [(256, 4096), (2048, 4096), (8192, 4096), (2048, 8192), (4096, 7168), (4096, 16384)]
 WIDTHS = [(4096, n) for n in (3072, 3584, 4608, 5120, 6144, 7168)]
+FEW_ROWS = [(256, 4096), (1024, 4096), (256, 8192)]  # the backward's column programs
 FLUSH_BYTES = 256 << 20
 CALLS = 20
 
@@ -89,6 +91,23 @@ def sweep_forward(measure, x, w, r=None):
         )
 
 
+def sweep_bwd_columns(measure, dy, x, rstd, w):
+    """The single-launch backward (dweight by column programs) over warps and stages."""
+    m, n = x.shape
+    real = K._pallas
+    for stages, warps in itertools.product((1, 3), (8, 4)):
+
+        def pallas(kernel, name, out_shape, grid, *launch, interpret, w_s=(warps, stages)):
+            if name == "rmsnorm_bwd":
+                launch = w_s
+            return real(kernel, name, out_shape, grid, *launch, interpret=interpret)
+
+        restore = patched(K, _pallas=pallas)
+        tw, tc = time_us(measure, bwd, (dy, x, rstd, w))
+        restore()
+        print(f"bwd {m}x{n} stages={stages} warps={warps}: warm {tw:.2f} cold {tc:.2f}", flush=True)
+
+
 def main(argv):
     measure, why = load_profiler()
     if measure is None:
@@ -103,12 +122,15 @@ def main(argv):
             sweep_forward(measure, x, w)
             sweep_forward(measure, x, w, r)
         return
-    for m, n in SHAPES:
+    for m, n in FEW_ROWS if "--columns" in argv else SHAPES:
         kx, kd = jax.random.split(jax.random.PRNGKey(0))
         x = jax.random.normal(kx, (m, n), jnp.float32).astype(jnp.bfloat16)
         dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
         w = jnp.ones((n,), jnp.bfloat16)
         rstd = jax.jit(fwd)(x, w)[2]
+        if "--columns" in argv:
+            sweep_bwd_columns(measure, dy, x, rstd, w)
+            continue
 
         sweep_forward(measure, x, w)
 
@@ -122,7 +144,7 @@ def main(argv):
                 BWD_MAX_PROGRAMS=cap,
                 BWD_MAX_PROGRAMS_WIDE=cap,
                 BWD_MAX_CHUNK=chunk,
-                bwd_num_warps=lambda launch, warps=warps: warps,
+                bwd_num_warps=lambda launch, *_, warps=warps: warps,
             )
             tw, tc = time_us(measure, bwd, (dy, x, rstd, w))
             restore()

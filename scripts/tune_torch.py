@@ -151,8 +151,6 @@ def host_us(fn, calls=1000):
 
 def host_times():
     """Host us per eager call at 1x4096 bf16: the direct launcher, then Triton's own launch."""
-    import threading
-
     from accel_torch import launch
 
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
@@ -163,26 +161,7 @@ def host_times():
     )
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     _, _, rstd = launch.rmsnorm_fwd_launch(x, None, w, 1e-6, 0.0, False, None)
-
-    threads = set()
-
-    class Empty(torch.autograd.Function):  # a Python Function that launches nothing
-        @staticmethod
-        def forward(ctx, x, w):
-            ctx.save_for_backward(x, w)
-            return torch.empty_like(x)
-
-        @staticmethod
-        def backward(ctx, dy):
-            x, w = ctx.saved_tensors
-            threads.add(threading.get_ident())
-            return torch.empty_like(x), torch.empty_like(w)
-
     calls = {
-        # the pieces of an eager forward+backward, for where its host time goes
-        "grad(x * w)": lambda: torch.autograd.grad(xg * wg, (xg, wg), dy),
-        "Empty Function fwdbwd": lambda: torch.autograd.grad(Empty.apply(xg, wg), (xg, wg), dy),
-        "fwd with graph": lambda: accel_torch.rmsnorm(xg, wg),
         "bwd launch": lambda: launch.rmsnorm_bwd_launch(dy, x, w, rstd, None, 0.0, None),
         "F.rms_norm fwd": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
         "fwd": lambda: accel_torch.rmsnorm(x, w),
@@ -204,7 +183,6 @@ def host_times():
                 results[key] = min(results.get(key, us), us)
     for key, us in results.items():
         print(f"host {key}: {us:.1f} us", flush=True)
-    print(f"backward on the calling thread: {threads == {threading.get_ident()}}", flush=True)
     for launcher in launchers:
         launcher.direct = True
     import cProfile
@@ -220,8 +198,10 @@ def host_times():
 def host_parts():
     """Where an eager forward+backward's host time goes (1x4096 bf16, direct launches): the
     public call against itself with the forward's or the backward's launches replaced by
-    bare allocations, with Python's collector off, and through Tensor.backward."""
+    bare allocations, with Python's collector off, and through Tensor.backward; beside
+    autograd of two C++ ops and of a Python Function that launches nothing."""
     import gc
+    import threading
 
     from accel_torch import ops
 
@@ -229,6 +209,26 @@ def host_parts():
     w = torch.randn(4096, device="cuda", dtype=x.dtype, requires_grad=True)
     dy = torch.randn_like(x)
     real_fwd, real_bwd = ops.rmsnorm_fwd_launch, ops.rmsnorm_bwd_launch
+    threads = set()
+
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w = ctx.saved_tensors
+            threads.add(threading.get_ident())
+            return torch.empty_like(x), torch.empty_like(w)
+
+    for name, fn in (
+        ("grad(x * w)", lambda: torch.autograd.grad(x * w, (x, w), dy)),
+        ("Empty Function fwdbwd", lambda: torch.autograd.grad(Empty.apply(x, w), (x, w), dy)),
+    ):
+        print(f"host parts, {name}: {min(host_us(fn) for _ in range(3)):.1f} us", flush=True)
+    print(f"backward on the calling thread: {threads == {threading.get_ident()}}", flush=True)
 
     def no_fwd(x, residual, weight, *args):
         return torch.empty_like(x), None, x.new_empty(x.shape[:-1], dtype=torch.float32)
