@@ -292,6 +292,25 @@ def _fwd_kernel(
         _store(rstd_ref.at[_ds(r0, rows)], rstd, row_mask)
 
 
+def fwd_out_shape(m: int, n: int, out_dtype, round_dtype, store_h: bool, store_rstd: bool):
+    """A forward kernel's outputs: y (M, N), then h (M, N) and rstd (M,) fp32 where stored."""
+    out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+    if store_h:
+        out_shape.append(jax.ShapeDtypeStruct((m, n), round_dtype))
+    if store_rstd:
+        out_shape.append(jax.ShapeDtypeStruct((m,), F32))
+    return out_shape
+
+
+def fwd_outputs(outs, store_h: bool, store_rstd: bool):
+    """(y, h or None, rstd or None) from the outputs of fwd_out_shape."""
+    outs = list(outs)
+    y = outs.pop(0)
+    h = outs.pop(0) if store_h else None
+    rstd = outs.pop(0) if store_rstd else None
+    return y, h, rstd
+
+
 def rmsnorm_fwd(
     x,
     residual,
@@ -317,11 +336,7 @@ def rmsnorm_fwd(
     launch = fwd_launch(m, n, has_residual)
     has_weight = weight is not None
     store_h = store_h and has_residual
-    out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
-    if store_h:
-        out_shape.append(jax.ShapeDtypeStruct((m, n), round_dtype))
-    if store_rstd:
-        out_shape.append(jax.ShapeDtypeStruct((m,), F32))
+    out_shape = fwd_out_shape(m, n, out_dtype, round_dtype, store_h, store_rstd)
     kernel = functools.partial(
         _fwd_kernel,
         m=m,
@@ -342,11 +357,7 @@ def rmsnorm_fwd(
     outs = _pallas(
         kernel, name, out_shape, grid, launch.num_warps, launch.num_stages, interpret=interpret
     )(*inputs)
-    outs = list(outs)
-    y = outs.pop(0)
-    h = outs.pop(0) if store_h else None
-    rstd = outs.pop(0) if store_rstd else None
-    return y, h, rstd
+    return fwd_outputs(outs, store_h, store_rstd)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -745,6 +756,8 @@ __all__ = [
     "bwd_dw_cols",
     "bwd_programs",
     "fwd_launch",
+    "fwd_out_shape",
+    "fwd_outputs",
     "next_pow2",
     "rmsnorm_bwd",
     "rmsnorm_dweight_reduce",

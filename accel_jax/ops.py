@@ -3,7 +3,9 @@
 Dispatch, decided when a call is traced:
 - ``interpret=True`` (or ``ACCEL_INTERPRET=1`` / ``set_interpret(True)``): the Pallas kernels
   run in Pallas interpret mode (any backend, CPU included);
-- x on a GPU (``jax.default_backend()`` under tracing): the compiled Pallas Triton kernels;
+- x on a GPU (``jax.default_backend()`` under tracing): the compiled Pallas kernels, the
+  Triton-lowered ones or, for the forward, Mosaic GPU's (``accel_jax.backends``:
+  ``ACCEL_JAX_BACKEND`` picks or forces one, ``reference`` forces the reference math);
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
 The reference math also serves float64 (computed in float64), shapes with symbolic
 dimensions (``jax.export``: the kernels need static shapes), arrays of 2^32 bytes or more
@@ -31,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from accel_jax import checks, kernels, sharding
+from accel_jax import backends, checks, kernels, sharding
 from accel_jax.reference import compute_dtype, reference_bwd, reference_fwd
 
 _STATE = {"interpret": False, "warned_no_kernels": False}
@@ -113,12 +115,15 @@ def _mode(x, interpret, wide: bool, itemsize: int = 4) -> str:
     static = all(isinstance(d, int) for d in x.shape)
     if wide or not static or not (interpret or _on_gpu(x)) or not _kernels_available():
         return "reference"
+    choice = backends.backend()
+    if choice == "reference" and not interpret:
+        return "reference"
     if interpret:
         return "interpret"
     if math.prod(x.shape) * itemsize >= _KERNEL_BYTES_LIMIT:
         return "reference"
     quiet_triton_deprecation()
-    return "pallas"
+    return "pallas" if choice == "auto" else f"pallas-{choice}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +138,7 @@ class _Spec:
     x_dtype: Any
     res_dtype: Any  # residual input dtype, None when not fused
     return_residual: bool
-    mode: str  # "pallas" | "interpret" | "reference"
+    mode: str  # "pallas" (or "pallas-triton" / "pallas-mosaic_gpu") | "interpret" | "reference"
     axis_name: Any = None  # named axes splitting the hidden axis (Flax's axis_name)
 
 

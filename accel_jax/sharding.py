@@ -36,7 +36,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accel_jax import kernels
+from accel_jax import backends, kernels
 from accel_jax.reference import reference_bwd, reference_fwd
 
 F32 = jnp.float32
@@ -53,7 +53,7 @@ class Fwd:
     round_dtype: Any
     need_h: bool
     save: bool
-    mode: str  # "pallas" | "interpret" | "reference"
+    mode: str  # "pallas" (or "pallas-triton" / "pallas-mosaic_gpu") | "interpret" | "reference"
     has_residual: bool
     has_weight: bool
 
@@ -199,15 +199,17 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
     else:
         n, lead = x.shape[-1], x.shape[:-1]
         r2 = residual.reshape(-1, n) if residual is not None else None
-        y, h, rstd = kernels.rmsnorm_fwd(
-            x.reshape(-1, n),
-            r2,
-            weight,
-            store_h=cfg.need_h,
-            store_rstd=cfg.save,
-            interpret=cfg.mode == "interpret",
-            **fwd_args(cfg),
-        )
+        args = dict(store_h=cfg.need_h, store_rstd=cfg.save, **fwd_args(cfg))
+        if cfg.mode == "interpret":
+            y, h, rstd = kernels.rmsnorm_fwd(x.reshape(-1, n), r2, weight, interpret=True, **args)
+        else:
+            dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
+            dtypes += [cfg.out_dtype, cfg.round_dtype]
+            fused = residual is not None
+            choice = backends.from_mode(cfg.mode)
+            chosen = backends.forward_kernels(math.prod(lead), n, fused, dtypes, choice)
+            extra = {"interpret": False} if chosen is kernels else {}
+            y, h, rstd = chosen.rmsnorm_fwd(x.reshape(-1, n), r2, weight, **args, **extra)
         y = y.reshape(x.shape)
         h = h.reshape(x.shape) if h is not None else None
         rstd = rstd.reshape(lead) if rstd is not None else None

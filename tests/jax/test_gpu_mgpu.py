@@ -1,0 +1,108 @@
+"""The Mosaic GPU forward at real sizes on a GPU (marked gpu; skipped elsewhere), through the
+public ops with ACCEL_JAX_BACKEND=mosaic_gpu, against the float64 reference.
+
+Run: python -m pytest -q -m gpu tests/jax/test_gpu_mgpu.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import accel_jax
+from accel_jax import backends, kernels_mgpu
+from tests.jax.helpers import (
+    assert_grad_close,
+    assert_llama_close,
+    assert_output_close,
+    bwd64,
+    f64,
+    fwd64,
+    rand,
+)
+
+pytestmark = pytest.mark.gpu
+
+# Ragged row counts (the last program starts early), 4 and 2 rows per program.
+SHAPES = [(2048, 4096), (8195, 4096), (4096, 5120), (1027, 8192), (4097, 3584), (4, 256)]
+DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
+
+
+@pytest.fixture(autouse=True)
+def _mosaic_gpu(monkeypatch):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs JAX with a CUDA GPU")
+    previous = accel_jax.get_interpret()
+    accel_jax.set_interpret(False)
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "mosaic_gpu")
+    yield
+    accel_jax.set_interpret(previous)
+
+
+def _uses_mosaic_gpu(f, *args) -> bool:
+    return "mosaic_gpu" in jax.jit(f).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_forward(shape, dtype):
+    n = shape[-1]
+    x = rand(1, shape, dtype)
+    w = rand(2, (n,), dtype, scale=0.2, shift=1.0)
+    f = lambda x, w: accel_jax.rmsnorm(x, w)  # noqa: E731
+    assert _uses_mosaic_gpu(f, x, w) == kernels_mgpu.supported(*shape, dtype)
+    assert_output_close(jax.jit(f)(x, w), fwd64(x, None, w)[0])
+    y = jax.jit(lambda x, w: accel_jax.rmsnorm(x, w, casting="llama", weight_offset=1.0))(x, w)
+    if dtype == jnp.float32:
+        assert_output_close(y, fwd64(x, None, w, casting="llama", weight_offset=1.0)[0])
+    else:
+        assert_llama_close(y, x, w, weight_offset=1.0)
+    assert_output_close(jax.jit(accel_jax.rmsnorm)(x), fwd64(x)[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused(shape):
+    n = shape[-1]
+    x = rand(3, shape, jnp.bfloat16)
+    r = rand(4, shape, jnp.float32, scale=2.0)
+    w = rand(5, (n,), jnp.float32, scale=0.2, shift=1.0)
+    for residual_dtype in (None, jnp.float32):
+
+        def f(x, r, w, residual_dtype=residual_dtype):
+            return accel_jax.rmsnorm_residual_fused(
+                x, r, w, weight_offset=0.5, return_residual=True, residual_dtype=residual_dtype
+            )
+
+        assert _uses_mosaic_gpu(f, x, r, w)
+        y, h = jax.jit(f)(x, r, w)
+        h_dtype = jnp.dtype(residual_dtype or x.dtype)
+        ref, h64, _ = fwd64(x, r, w, weight_offset=0.5, round_dtype=h_dtype)
+        np.testing.assert_array_equal(f64(h), h64)
+        assert_output_close(y, ref)
+
+
+@pytest.mark.parametrize("shape", [(8195, 4096), (1027, 8192)], ids=str)
+def test_fused_backward_from_its_saved_rstd(shape):
+    """The Triton-lowered backward from the rstd and h the Mosaic GPU forward saved."""
+    n = shape[-1]
+    x = rand(9, shape, jnp.bfloat16)
+    r = rand(10, shape, jnp.bfloat16)
+    w = rand(11, (n,), jnp.bfloat16, scale=0.2, shift=1.0)
+    dy = rand(12, shape, jnp.bfloat16)
+    _, vjp = jax.vjp(lambda x, r, w: accel_jax.rmsnorm_residual_fused(x, r, w), x, r, w)
+    dx, dr, dw = jax.jit(vjp)(dy)
+    _, h64, _ = fwd64(x, r, w)
+    ref, ref_dw, cx, cw = bwd64(dy, h64, w)
+    assert_grad_close(dx, ref, cx, what="dx")
+    assert_grad_close(dr, ref, cx, what="dresidual")
+    assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+
+
+def test_auto_picks_mosaic_gpu_for_large_fused_on_hopper(monkeypatch):
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "auto")
+    hopper = backends._hopper_or_newer()
+    x = rand(6, (4096, 4096), jnp.bfloat16)
+    fused = lambda x: accel_jax.rmsnorm_residual_fused(x, x)  # noqa: E731
+    assert _uses_mosaic_gpu(fused, x) == hopper
+    assert not _uses_mosaic_gpu(lambda x: accel_jax.rmsnorm(x), x)
+    assert not _uses_mosaic_gpu(fused, x[:256])

@@ -1,0 +1,146 @@
+"""The Mosaic GPU forward on this CPU machine: which shapes it serves, which backend each
+call gets, and that every kernel variant lowers for CUDA (``jax.export`` runs the
+Pallas-to-Mosaic-GPU lowering without a GPU). Its values are checked on the GPU
+(tests/jax/test_gpu_mgpu.py)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import accel_jax
+from accel_jax import backends, kernels, kernels_mgpu, ops
+from tests.jax.test_transforms import _jaxlib_lowers_without_compiling
+
+pytestmark = pytest.mark.skipif(
+    kernels_mgpu.UNAVAILABLE is not None, reason="this JAX has no Pallas Mosaic GPU"
+)
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+@pytest.mark.parametrize(
+    "m, n, dtypes, served",
+    [
+        ((4, 256, [BF16], True)),
+        ((3, 256, [BF16], False)),  # fewer rows than one program's
+        ((4096, 4096, [BF16, F32], True)),
+        ((4096, 3584, [BF16], True)),  # 14 vectors of 256
+        ((4096, 3584, [F32], True)),  # fp32 vectors: 128 columns
+        ((4096, 1000, [BF16], False)),  # not a multiple of 256
+        ((4096, 4160, [F32], False)),
+        ((2, 8192, [BF16], True)),  # two rows per program
+        ((1, 8192, [BF16], False)),
+        ((64, 16384, [BF16], False)),  # past MAX_COLS
+    ],
+)
+def test_supported_shapes(m, n, dtypes, served):
+    assert kernels_mgpu.supported(m, n, *dtypes) is served
+
+
+def test_rows_per_program_keeps_a_threads_share():
+    for n in (256, 4096, 5120, 8192):
+        rows = kernels_mgpu.rows_per_program(n)
+        assert rows in (1, 2, 4)
+        assert rows * n <= 128 * kernels_mgpu.ELEMS_PER_THREAD
+        assert rows == 4 or 2 * rows * n > 128 * kernels_mgpu.ELEMS_PER_THREAD
+
+
+@pytest.mark.parametrize(
+    "setting, m, fused, hopper, expected",
+    [
+        ("auto", 4096, True, True, kernels_mgpu),
+        ("auto", 4096, False, True, kernels),  # plain forward: Triton (mixed on the H200)
+        ("auto", 256, True, True, kernels),  # few rows: Triton was faster
+        ("auto", 4096, True, False, kernels),  # before Hopper
+        ("triton", 4096, True, True, kernels),
+        ("mosaic_gpu", 256, False, False, kernels_mgpu),
+        ("reference", 4096, True, True, kernels),
+        ("", 4096, True, True, kernels_mgpu),  # empty means auto
+    ],
+)
+def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected):
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", setting)
+    monkeypatch.setattr(backends, "_hopper_or_newer", lambda: hopper)
+    choice = backends.backend()
+    assert backends.forward_kernels(m, 4096, fused, [BF16], choice) is expected
+    # a shape Mosaic GPU does not serve always gets the Triton-lowered kernels
+    assert backends.forward_kernels(m, 1000, fused, [BF16], choice) is kernels
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="ACCEL_JAX_BACKEND.*cutlass"):
+        backends.backend()
+
+
+def _lower(f, *args):
+    return jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+
+
+CASES = list(
+    itertools.product(
+        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584)],  # ragged rows; 4 and 2 rows
+        [BF16, F32],
+        [None, "same", F32],  # residual
+        [None, BF16],  # weight
+        [False, True],  # llama
+    )
+)
+
+
+@pytest.mark.parametrize("shape, dtype, residual, weight, llama", CASES, ids=str)
+def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
+    m, n = shape
+    res_dtype = dtype if residual == "same" else residual
+    round_dtype = res_dtype or dtype
+    args = [jax.ShapeDtypeStruct(shape, dtype)]
+    args.append(jax.ShapeDtypeStruct(shape, res_dtype) if residual else None)
+    args.append(jax.ShapeDtypeStruct((n,), weight) if weight else None)
+    dtypes = [a.dtype for a in args if a is not None] + [dtype, round_dtype]
+    if not kernels_mgpu.supported(m, n, *dtypes):
+        pytest.skip("not served (test_supported_shapes)")
+
+    def f(x, r, w):
+        return kernels_mgpu.rmsnorm_fwd(
+            x, r, w, eps=1e-6, weight_offset=1.0 if weight else 0.0, llama=llama,
+            out_dtype=dtype, round_dtype=round_dtype, store_h=True, store_rstd=True,
+        )  # fmt: skip
+
+    text = _lower(f, *args)
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu" or not _jaxlib_lowers_without_compiling(),
+    reason="CPU-only check of the lowering (GPU runs compile for real)",
+)
+def test_public_op_dispatches_to_mosaic_gpu_when_forced(monkeypatch):
+    """Through the public op, the custom_vjp and the sharding layer: the forced backend's
+    forward kernel and the Triton-lowered backward."""
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "_STATE", {"interpret": False})
+    x = jax.ShapeDtypeStruct((2048, 4096), BF16)
+    w = jax.ShapeDtypeStruct((4096,), BF16)
+
+    def lowered(train: bool) -> str:
+        # a fresh function each time: jit keeps the trace (and the choice) of a function
+        def f(x, r, w):
+            if not train:
+                return accel_jax.rmsnorm_residual_fused(x, r, w)
+            loss = lambda *a: jnp.sum(accel_jax.rmsnorm_residual_fused(*a).astype(F32))  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1, 2))(x, r, w)
+
+        return jax.jit(f).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
+
+    # train: the forward, then the Triton-lowered backward (2048 rows: dx + partials, their sum)
+    for setting, mosaic, triton_train in (("mosaic_gpu", 1, 2), ("triton", 0, 3)):
+        monkeypatch.setenv("ACCEL_JAX_BACKEND", setting)
+        for train in (False, True):
+            text = lowered(train)
+            assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic, (setting, train)
+            if train:
+                assert text.count("__gpu$xla.gpu.triton") == triton_train, setting
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "reference")
+    text = lowered(True)
+    assert "mosaic_gpu" not in text and "triton" not in text
