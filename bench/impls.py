@@ -345,7 +345,8 @@ REGISTRY: tuple[Impl, ...] = (
         "accel_jax",
         JAX,
         True,
-        "accel_jax.rmsnorm / rmsnorm_residual_fused (this project, Pallas Triton)",
+        "accel_jax.rmsnorm / rmsnorm_residual_fused (this project, Pallas: Triton lowering, "
+        "Mosaic GPU as ACCEL_JAX_BACKEND picks)",
         lambda: _import_reason("accel_jax"),
         _build_accel_jax,
     ),
