@@ -394,7 +394,7 @@ def bwd_dw_cols(m: int, n: int) -> int:
     return BWD_DW_COLS if n <= 4096 else 2 * BWD_DW_COLS
 
 
-def _bwd_refs(refs, has_weight, has_dh, store_dres, store_dw):
+def bwd_refs(refs, has_weight, has_dh, store_dres, store_dw):
     """The backward kernels' refs in rmsnorm_bwd's order, None where absent:
     (dy, x, rstd, w, dh) inputs, then (dx, dres, dweight or its partials) outputs."""
     it = iter(refs)
@@ -412,7 +412,7 @@ def _bwd_kernel(*refs, m, n, programs, has_weight, has_dh, store_dres, dw_cols, 
     also sums its rows' dweight into its row of the (G, N) fp32 partials (the last output).
     dw_cols > 0: programs G, G+1, ... instead each sum dweight for dw_cols columns over all
     rows (_bwd_dw_columns) into the last output, dweight (N,) itself."""
-    refs = _bwd_refs(refs, has_weight, has_dh, store_dres, has_weight)
+    refs = bwd_refs(refs, has_weight, has_dh, store_dres, has_weight)
     pid = pl.program_id(0)
     rows = functools.partial(
         _bwd_rows, refs, pid, m=m, n=n, programs=programs, has_weight=has_weight,
@@ -552,7 +552,7 @@ def _bwd_dx_looped_kernel(
     *refs, n, launch: RowLaunch, weight_offset, has_weight, has_dh, store_dres
 ):
     """Looped backward dx for wide rows: one row per program, two passes over chunks."""
-    dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, _ = _bwd_refs(
+    dy_ref, x_ref, rstd_ref, w_ref, dh_ref, dx_ref, dres_ref, _ = bwd_refs(
         refs, has_weight, has_dh, store_dres, False
     )
 

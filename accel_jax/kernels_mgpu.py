@@ -1,4 +1,5 @@
-"""Pallas Mosaic GPU kernels (Hopper and newer) for the RMSNorm forward, plain and fused.
+"""Pallas Mosaic GPU kernels (Hopper and newer): the RMSNorm forward (plain and fused) and
+backward.
 
 The same numerics as ``accel_jax.kernels`` (all in fp32):
 
@@ -14,9 +15,17 @@ warps by Mosaic GPU's reduction through shared memory). The last program starts 
 ``M - R`` instead of past the end, so it recomputes (and rewrites with the same bits) a few
 rows of its neighbour rather than reading out of bounds.
 
-``supported`` says which shapes these kernels serve: N a multiple of the 32-lane vector row
-(256 columns for 16-bit inputs) and at most ``MAX_COLS``, at least 4 rows. Everything else
-goes to the Triton-lowered kernels.
+The backward spreads each row over all four warps (a thread holds N / 128 of x, dy, the
+weight and the dweight accumulator) and runs G programs that each walk rows pid, pid + G,
+..., the loads of the next ``BWD_PREFETCH`` rows in flight while a row is reduced and
+stored. Each program adds its rows' dy * xhat into an fp32 register accumulator: one (G, N)
+fp32 partial row each, summed in a fixed order afterwards (deterministic dweight, no
+atomics).
+
+``supported`` / ``supported_bwd`` say which shapes these kernels serve: N a multiple of a
+row block's vector tile (the 32 lanes of each warp of a row, 16 bytes of the narrowest dtype
+each) and at most ``MAX_COLS``, at least one block of rows. Everything else goes to the
+Triton-lowered kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ except ImportError as e:  # a JAX without Pallas Mosaic GPU: ops keeps the Trito
 else:
     UNAVAILABLE = None
 
-from accel_jax.kernels import fwd_out_shape, fwd_outputs  # noqa: E402
+from accel_jax.kernels import bwd_refs, fwd_out_shape, fwd_outputs  # noqa: E402
 
 F32 = jnp.float32
 # Rows per program are chosen so that a thread holds at most this many fp32 row elements
@@ -46,8 +55,25 @@ ELEMS_PER_THREAD = 128
 # Two rows at least: a program's one-element rstd store would need the scalar path, which
 # Mosaic GPU (JAX 0.10) offers only for shared memory.
 MAX_COLS = 64 * ELEMS_PER_THREAD
+# Rows whose loads a backward program has in flight ahead of the row it computes.
+BWD_PREFETCH = 1  # (H200: 2 and 3 were no faster, and slower from 5120 columns)
+# Backward programs: each writes one fp32 partial row of dweight (G * N * 4 bytes, written
+# and read again), so G stays a few programs per SM.
+BWD_MAX_PROGRAMS = 264
+# Rows up to 2048 columns: twice the programs (H200: 32768x2048 126.9 -> 102.3 us cold).
+BWD_NARROW_COLS = 2048
+# Wider rows spill the backward's registers (H200, 4096x7168: 74.0 us against Triton's 54.1).
+BWD_MAX_COLS = 5120
 # JAX 0.11 moved ``load``'s index into the ref (``ref.at[...]``) and warns on the old form.
 _INDEX_ARG = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
+
+
+def _compiler_params():
+    return plgpu.CompilerParams(
+        lowering_semantics=plgpu.LoweringSemantics.Lane,
+        # No barrier before each store: no thread reads memory it or another writes.
+        unsafe_no_auto_barriers=True,
+    )
 
 
 def vector_len(*dtypes) -> int:
@@ -55,20 +81,31 @@ def vector_len(*dtypes) -> int:
     return 16 // min(jnp.dtype(d).itemsize for d in dtypes)
 
 
-def rows_per_program(n: int) -> int:
-    """R (4, 2 or 1): as many rows as keep a thread's share within ELEMS_PER_THREAD."""
+def rows_per_program(n: int, elems: int = ELEMS_PER_THREAD) -> int:
+    """R (4, 2 or 1): as many rows as keep a thread's share of one array within elems."""
     rows = 4
-    while rows > 1 and rows * n > 128 * ELEMS_PER_THREAD:
+    while rows > 1 and rows * n > 128 * elems:
         rows //= 2
     return rows
 
 
-def supported(m: int, n: int, *dtypes) -> bool:
-    """Whether these kernels serve an (M, N) forward with inputs/outputs of ``dtypes``."""
+def _fits(m: int, n: int, rows: int, dtypes) -> bool:
+    """N whole vector tiles of an R-row block (4 // R warps of 32 lanes per row), M >= R."""
     if UNAVAILABLE is not None:
         return False
-    vec = vector_len(*dtypes)
-    return n % (32 * vec) == 0 and n <= MAX_COLS and m >= rows_per_program(n)
+    tile = (4 // rows) * 32 * vector_len(*dtypes)
+    return n % tile == 0 and n <= MAX_COLS and m >= rows
+
+
+def supported(m: int, n: int, *dtypes) -> bool:
+    """Whether these kernels serve an (M, N) forward with inputs/outputs of ``dtypes``."""
+    return _fits(m, n, rows_per_program(n), dtypes)
+
+
+def supported_bwd(m: int, n: int, *dtypes) -> bool:
+    """Whether these kernels serve an (M, N) backward with inputs/outputs of ``dtypes``
+    (its rows span the four warps: N a multiple of 128 vectors)."""
+    return n <= BWD_MAX_COLS and _fits(m, n, 1, dtypes)
 
 
 def _rows_layout(rows: int, n: int, vec: int):
@@ -99,6 +136,19 @@ def _as_pallas_layout(layout):
         lane_dims=layout.lane_dims,
         vector_dim=layout.vector_dim,
     )
+
+
+def _broadcast(value, shape, dims, layout):
+    """value broadcast to shape (its axes at dims) in the rows layout."""
+    return plgpu.layout_cast(lax.broadcast_in_dim(value, shape, dims), _as_pallas_layout(layout))
+
+
+def _weight(w_ref, rows, n, vec, weight_offset):
+    """The weight (+ offset) in fp32, broadcast over a block of rows."""
+    w = _load(w_ref, _weight_layout(rows, n, vec)).astype(F32)
+    if weight_offset:
+        w = w + weight_offset
+    return _broadcast(w, (rows, n), (1,), _rows_layout(rows, n, vec))
 
 
 def _load(ref, layout):
@@ -153,12 +203,9 @@ def _fwd_kernel(
     rstd = lax.rsqrt(jnp.sum(x * x, axis=1) / n + eps)
     if store_rstd:
         rstd_ref[at] = rstd
-    r = plgpu.layout_cast(lax.broadcast_in_dim(rstd, (rows, n), (0,)), _as_pallas_layout(layout))
+    r = _broadcast(rstd, (rows, n), (0,), layout)
     if has_weight:
-        w = _load(w_ref, _weight_layout(rows, n, vec)).astype(F32)
-        if weight_offset:
-            w = w + weight_offset
-        w = plgpu.layout_cast(lax.broadcast_in_dim(w, (rows, n), (1,)), _as_pallas_layout(layout))
+        w = _weight(w_ref, rows, n, vec, weight_offset)
         if llama:
             y = (x * r).astype(round_dtype).astype(F32) * w
         else:
@@ -217,13 +264,129 @@ def rmsnorm_fwd(
         out_type=out_shape,
         grid=(pl.cdiv(m, rows),),
         grid_names=("rows",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Lane,
-            # No barrier before each store: no thread reads memory it or another writes.
-            unsafe_no_auto_barriers=True,
-        ),
+        compiler_params=_compiler_params(),
     )(*inputs)
     return fwd_outputs(outs, store_h, store_rstd)
 
 
-__all__ = ["MAX_COLS", "UNAVAILABLE", "rmsnorm_fwd", "rows_per_program", "supported"]
+# ---------------------------------------------------------------------------- backward
+
+
+def _bwd_load(refs, r, layout):
+    """Row r's x, dy (in their dtypes) and rstd (the loads a backward step waits on)."""
+    dy_ref, x_ref, rstd_ref = refs[:3]
+    at = pl.ds(r, 1)
+    return (
+        _load(x_ref.at[at], layout),
+        _load(dy_ref.at[at], layout),
+        _load(rstd_ref.at[at], layout.reduce((1,))),
+    )
+
+
+def _bwd_row(refs, r, loaded, w, acc, *, n, layout, has_dh, store_dres):
+    """Row r of the backward from its loaded x, dy, rstd: dx (and dres) stored; acc + dy *
+    xhat returned (acc None: no weight)."""
+    _, _, _, _, dh_ref, dx_ref, dres_ref, _ = refs
+    at = pl.ds(r, 1)
+    x, dy = (a.astype(F32) for a in loaded[:2])
+    rstd = _broadcast(loaded[2], (1, n), (0,), layout)
+    g = dy if w is None else dy * w
+    mean_gx = _broadcast(jnp.sum(g * x, axis=1) / n, (1, n), (0,), layout) * rstd
+    xhat = x * rstd
+    dx = rstd * (g - xhat * mean_gx)
+    if has_dh:
+        dx = dx + _load(dh_ref.at[at], layout).astype(F32)
+    dx_ref[at] = dx.astype(dx_ref.dtype)
+    if store_dres:
+        dres_ref[at] = dx.astype(dres_ref.dtype)
+    return None if acc is None else acc + dy * xhat
+
+
+def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_args):
+    """Backward program pid: rows pid, pid + G, ..., each row's loads issued BWD_PREFETCH
+    rows ahead (a loop carry: they are in flight while earlier rows reduce and store);
+    dweight's dy * xhat summed in registers and written to row pid of the partials."""
+    refs = bwd_refs(refs, has_weight, row_args["has_dh"], row_args["store_dres"], has_weight)
+    layout = _rows_layout(1, n, vec)
+    pid = lax.axis_index("programs")
+    w = _weight(refs[3], 1, n, vec, weight_offset) if has_weight else None
+    ahead = BWD_PREFETCH
+
+    def load(i):
+        # past the program's last row: a row read again and never used
+        return _bwd_load(refs, jnp.minimum(pid + i * programs, m - 1), layout)
+
+    def step(i, carry):
+        acc, loaded = carry
+        loaded = (*loaded, load(i + ahead))
+        acc = _bwd_row(refs, pid + i * programs, loaded[0], w, acc, n=n, layout=layout, **row_args)
+        return acc, loaded[1:]
+
+    acc = plgpu.layout_cast(jnp.zeros((1, n), F32), _as_pallas_layout(layout))
+    carry = (acc if has_weight else None, tuple(load(i) for i in range(ahead)))
+    acc, _ = lax.fori_loop(0, (m - pid + programs - 1) // programs, step, carry)
+    if has_weight:
+        refs[-1][pl.ds(pid, 1)] = acc
+
+
+def bwd_programs(m: int, n: int) -> int:
+    """G, the backward's programs (and dweight partial rows)."""
+    cap = BWD_MAX_PROGRAMS * (2 if n <= BWD_NARROW_COLS else 1)
+    return max(1, min(m, cap))
+
+
+def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres_dtype):
+    """Backward kernel (the signature of kernels.rmsnorm_bwd), dweight's (G, N) fp32
+    partials summed by XLA, in the same order every run.
+
+    dy: (M, N) cotangent of y. x: (M, N) the normalized input (x, or h when fused), with
+    ``supported_bwd(M, N, ...)``. rstd: (M,) fp32. weight: None or (N,). dh: None or (M, N)
+    cotangent of h, added to dx. dres_dtype: None or a second dtype for the same gradient.
+    Returns (dx (M, N) dx_dtype, dres or None, dweight (N,) in weight's dtype or None).
+    """
+    m, n = x.shape
+    has_weight, has_dh, store_dres = weight is not None, dh is not None, dres_dtype is not None
+    inputs = [a for a in (dy, x, rstd, weight, dh) if a is not None]
+    dtypes = [a.dtype for a in inputs if a is not rstd] + [dx_dtype]
+    dtypes += [dres_dtype] if store_dres else []
+    if not supported_bwd(m, n, *dtypes):
+        raise ValueError(f"the Mosaic GPU backward does not serve {(m, n)} with dtypes {dtypes}")
+    programs = bwd_programs(m, n)
+    out_shape = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
+    out_shape += [jax.ShapeDtypeStruct((m, n), dres_dtype)] if store_dres else []
+    out_shape += [jax.ShapeDtypeStruct((programs, n), F32)] if has_weight else []
+    kernel = functools.partial(
+        _bwd_kernel,
+        m=m,
+        n=n,
+        vec=vector_len(*dtypes),
+        programs=programs,
+        weight_offset=weight_offset,
+        has_weight=has_weight,
+        has_dh=has_dh,
+        store_dres=store_dres,
+    )
+    outs = list(
+        plgpu.kernel(
+            _named(kernel, "rmsnorm_bwd_mgpu"),
+            out_type=out_shape,
+            grid=(programs,),
+            grid_names=("programs",),
+            compiler_params=_compiler_params(),
+        )(*inputs)
+    )
+    dweight = jnp.sum(outs.pop(), axis=0).astype(weight.dtype) if has_weight else None
+    return outs[0], (outs[1] if store_dres else None), dweight
+
+
+__all__ = [
+    "BWD_MAX_COLS",
+    "MAX_COLS",
+    "UNAVAILABLE",
+    "bwd_programs",
+    "rmsnorm_bwd",
+    "rmsnorm_fwd",
+    "rows_per_program",
+    "supported",
+    "supported_bwd",
+]

@@ -249,9 +249,15 @@ def _rows_bwd(cfg: Bwd, dy, x, rstd, weight, dh, dw32: bool):
         dy2, x2, dh2 = flat
         if cfg.mode == "reference":
             return reference_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args)
-        return kernels.rmsnorm_bwd(
-            dy2, x2, rstd.reshape(-1), w, dh2, interpret=cfg.mode == "interpret", **args
-        )
+        if cfg.mode == "interpret":
+            return kernels.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, interpret=True, **args)
+        dtypes = [a.dtype for a in (dy2, x2, w, dh2) if a is not None] + [cfg.dx_dtype]
+        dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
+        # vmapped (cfg.keep): the Triton-lowered kernels, which Pallas batches over a grid axis
+        choice = backends.from_mode(cfg.mode) if not cfg.keep else "triton"
+        chosen = backends.backward_kernels(x2.shape[0], n, dtypes, choice)
+        extra = {"interpret": False} if chosen is kernels else {}
+        return chosen.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args, **extra)
 
     lead = x.shape[: cfg.keep]
     if cfg.keep:

@@ -1,11 +1,14 @@
 """The Mosaic GPU forward beside the Triton-lowered one, on a GPU: values, then CUPTI times.
 
-    python scripts/mgpu_check.py            # every bench and width shape, bf16
+    python scripts/mgpu_check.py            # the forward: every bench and width shape, bf16
+    python scripts/mgpu_check.py --bwd      # the backward, and a sweep of its G and U
 
-Values: y, h and rstd of both kernels against the float64 reference of the same rounded
+Forward values: y, h and rstd of both kernels against the float64 reference of the same rounded
 inputs (most ulps of y's dtype, rstd's relative error) and how many y elements the two
 kernels give bit-equal. Times: device us per call by CUPTI kernel records (warm, and cold
-after a 256 MB L2 flush), and JAX's same-bytes copy timed the same way.
+after a 256 MB L2 flush), and JAX's same-bytes copy timed the same way. Backward values: the
+largest |dx - ref| and |dweight - ref| of both kernels in units of the float64 reference's
+scale, and whether dweight has the same bits on a second run.
 """
 
 import os
@@ -18,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from tune_jax import copy_us, time_us  # noqa: E402
+from tune_jax import bwd, copy_us, patched, time_us  # noqa: E402
 
 import accel_jax.kernels as KT  # noqa: E402
 import accel_jax.kernels_mgpu as KM  # noqa: E402
@@ -125,5 +128,95 @@ def main():
             print("  " + "  ".join(row), flush=True)
 
 
+def bwd_call(kernels, dy, x, rstd, w, dh=None, dres_dtype=None, offset=0.0):
+    args = dict(weight_offset=offset, dx_dtype=x.dtype, dres_dtype=dres_dtype)
+    if kernels is KT:
+        args["interpret"] = False
+    return kernels.rmsnorm_bwd(dy, x, rstd, w, dh, **args)
+
+
+def bwd_values(m, n, dtype, weight, has_dh, dres_dtype, offset):
+    k = jax.random.split(jax.random.key(m * 5 + n), 4)
+    x = jax.random.normal(k[0], (m, n), jnp.float32).astype(dtype)
+    dy = jax.random.normal(k[1], (m, n), jnp.float32).astype(dtype)
+    dh = jax.random.normal(k[2], (m, n), jnp.float32).astype(dtype) if has_dh else None
+    w = (1 + 0.2 * jax.random.normal(k[3], (n,), jnp.float32)).astype(dtype) if weight else None
+    x64, dy64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, dy))
+    rstd64 = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1) + EPS)
+    rstd = jnp.asarray(rstd64, jnp.float32)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64) + offset if weight else 1.0
+    xhat, g = x64 * rstd64[:, None], dy64 * w64
+    dx64 = rstd64[:, None] * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+    if has_dh:
+        dx64 = dx64 + np.asarray(dh.astype(jnp.float32), np.float64)
+    dw64 = np.sum(dy64 * xhat, axis=0)
+    out = {}
+    for name, kern in (("triton", KT), ("mgpu", KM)):
+        f = jax.jit(lambda *a, kern=kern: bwd_call(kern, *a, dres_dtype=dres_dtype, offset=offset))
+        dx, dres, dw = f(dy, x, rstd, w, dh)
+        err = np.abs(np.asarray(dx.astype(jnp.float32), np.float64) - dx64)
+        out[f"dx_{name}"] = float(np.max(err) / np.max(np.abs(dx64)))
+        if dres is not None:
+            out[f"dres_equal_{name}"] = bool(jnp.all(dres.astype(dx.dtype) == dx))
+        if weight:
+            dwf = np.asarray(dw.astype(jnp.float32), np.float64)
+            out[f"dw_{name}"] = float(np.max(np.abs(dwf - dw64)) / np.max(np.abs(dw64)))
+            out[f"dw_same_bits_{name}"] = bool(jnp.all(f(dy, x, rstd, w, dh)[2] == dw))
+    return out
+
+
+def backward():
+    measure, why = load_profiler()
+    print("backward values (max |err| / max |ref|; dweight's bits on a second run)")
+    for c in [
+        (1030, 4096, jnp.bfloat16, True, False, None, 0.0),
+        (1027, 8192, jnp.bfloat16, True, True, jnp.float32, 1.0),
+        (33, 5120, jnp.float16, True, False, None, 0.0),
+        (4099, 1024, jnp.bfloat16, True, False, None, 0.0),
+        (3, 2048, jnp.bfloat16, True, False, None, 0.0),
+        (257, 3072, jnp.float32, False, True, None, 0.0),
+        (4096, 7168, jnp.bfloat16, True, False, None, 0.0),
+    ]:
+        try:
+            print(" ", c[:2], jnp.dtype(c[2]).name, "weight dh dres offset", c[3:], bwd_values(*c))
+        except Exception as e:  # noqa: BLE001  (report and go on: one call, many cases)
+            print(" ", c[:2], "FAILED", type(e).__name__, str(e)[:400])
+            traceback.print_exc(limit=-6)
+    if measure is None:
+        print("no CUPTI:", why)
+        return
+    print("times (us, warm / cold; bf16, weight bf16; copy of 3 M N elements) and its share")
+    for shape in GPU_SHAPES + ("4096x3072", "4096x1024", "16384x1024", "8192x2048"):
+        s = parse_shape(shape)
+        m, n = s.rows, s.hidden
+        key = jax.random.split(jax.random.key(3), 2)
+        dy, x = (jax.random.normal(k, (m, n)).astype(jnp.bfloat16) for k in key)
+        rstd = jnp.ones((m,), jnp.float32)
+        w = jnp.ones((n,), jnp.bfloat16)
+        copy = copy_us(measure, 3 * m * n * 2)
+        row = [f"{shape:>11} copy {copy[0]:6.2f}/{copy[1]:6.2f}"]
+        t = time_us(measure, jax.jit(bwd), (dy, x, rstd, w))
+        row.append(f"triton {t[0]:6.2f}/{t[1]:6.2f} ({copy[0] / t[0]:.0%}/{copy[1] / t[1]:.0%})")
+        if not KM.supported_bwd(m, n, jnp.bfloat16):
+            print("  " + "  ".join(row + ["mgpu unsupported"]), flush=True)
+            continue
+        best = None
+        configs = [(g, d) for g in (264, 528, 1056) for d in (1, 2, 3)]
+        for g, e in configs:
+            restore = patched(KM, BWD_MAX_PROGRAMS=g, BWD_PREFETCH=e)
+            try:
+                f = jax.jit(lambda *a: bwd_call(KM, *a))
+                t = time_us(measure, f, (dy, x, rstd, w))
+                row.append(f"G{g}/P{e} {t[0]:.1f}/{t[1]:.1f}")
+                best = min(best or (t[1], g, e), (t[1], g, e))
+            except Exception as e:  # noqa: BLE001
+                row.append(f"G{g}/P{e} FAILED {type(e).__name__} {str(e)[:200]}")
+            finally:
+                restore()
+        if best:
+            row.append(f"best cold G{best[1]}/P{best[2]} ({copy[1] / best[0]:.0%})")
+        print("  " + "  ".join(row), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    backward() if "--bwd" in sys.argv[1:] else main()

@@ -1,5 +1,5 @@
-"""The Mosaic GPU forward at real sizes on a GPU (marked gpu; skipped elsewhere), through the
-public ops with ACCEL_JAX_BACKEND=mosaic_gpu, against the float64 reference.
+"""The Mosaic GPU forward and backward at real sizes on a GPU (marked gpu; skipped elsewhere),
+through the public ops with ACCEL_JAX_BACKEND=mosaic_gpu, against the float64 reference.
 
 Run: python -m pytest -q -m gpu tests/jax/test_gpu_mgpu.py
 """
@@ -43,6 +43,10 @@ def _uses_mosaic_gpu(f, *args) -> bool:
     return "mosaic_gpu" in jax.jit(f).lower(*args).as_text()
 
 
+def _mosaic_gpu_calls(f, *args) -> int:
+    return jax.jit(f).lower(*args).as_text().count("stablehlo.custom_call @mosaic_gpu")
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_forward(shape, dtype):
@@ -81,18 +85,78 @@ def test_fused(shape):
         assert_output_close(y, ref)
 
 
-@pytest.mark.parametrize("shape", [(8195, 4096), (1027, 8192)], ids=str)
-def test_fused_backward_from_its_saved_rstd(shape):
-    """The Triton-lowered backward from the rstd and h the Mosaic GPU forward saved."""
+# Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns.
+BWD_SHAPES = [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "auto"])
+@pytest.mark.parametrize("shape", [(8195, 4096), (2051, 5120)], ids=str)
+def test_fused_backward_from_its_saved_rstd(monkeypatch, shape, backend):
+    """The Mosaic GPU backward (forced, or auto at 8195x4096) or the Triton-lowered one (auto
+    at 2051x5120) from the rstd and h that the Mosaic GPU forward saved."""
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", backend)
     n = shape[-1]
     x = rand(9, shape, jnp.bfloat16)
     r = rand(10, shape, jnp.bfloat16)
     w = rand(11, (n,), jnp.bfloat16, scale=0.2, shift=1.0)
     dy = rand(12, shape, jnp.bfloat16)
-    _, vjp = jax.vjp(lambda x, r, w: accel_jax.rmsnorm_residual_fused(x, r, w), x, r, w)
+    f = lambda x, r, w: accel_jax.rmsnorm_residual_fused(x, r, w)  # noqa: E731
+    assert _mosaic_gpu_calls(f, x, r, w) == 1
+    _, vjp = jax.vjp(f, x, r, w)
+    mgpu_bwd = backends.backward_kernels(*shape, [jnp.bfloat16], backend) is kernels_mgpu
+    assert mgpu_bwd == (backend == "mosaic_gpu" or shape == (8195, 4096))
+    assert _mosaic_gpu_calls(vjp, dy) == mgpu_bwd
     dx, dr, dw = jax.jit(vjp)(dy)
     _, h64, _ = fwd64(x, r, w)
     ref, ref_dw, cx, cw = bwd64(dy, h64, w)
+    assert_grad_close(dx, ref, cx, what="dx")
+    assert_grad_close(dr, ref, cx, what="dresidual")
+    assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+
+
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_backward(shape, dtype):
+    n = shape[-1]
+    x = rand(13, shape, dtype)
+    w = rand(14, (n,), dtype, scale=0.2, shift=1.0)
+    dy = rand(15, shape, dtype)
+    f = lambda x, w: accel_jax.rmsnorm(x, w, weight_offset=0.5)  # noqa: E731
+    _, vjp = jax.vjp(f, x, w)
+    served = kernels_mgpu.supported_bwd(*shape, dtype)
+    assert (_mosaic_gpu_calls(vjp, dy) == 1) == served
+    dx, dw = jax.jit(vjp)(dy)
+    ref, ref_dw, cx, cw = bwd64(dy, f64(x), w, weight_offset=0.5)
+    assert_grad_close(dx, ref, cx, what="dx")
+    assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+    # deterministic dweight: the same bits again
+    np.testing.assert_array_equal(np.asarray(jax.jit(vjp)(dy)[1]), np.asarray(dw))
+    # no weight
+    _, vjp = jax.vjp(accel_jax.rmsnorm, x)
+    (dx,) = jax.jit(vjp)(dy)
+    ref, _, cx, _ = bwd64(dy, f64(x))
+    assert_grad_close(dx, ref, cx, what="dx without weight")
+
+
+@pytest.mark.parametrize("shape", [(4099, 1024), (1027, 4096)], ids=str)
+def test_fused_backward_with_fp32_residual(shape):
+    """d residual written in fp32 beside dx in bf16, both with dh added."""
+    n = shape[-1]
+    x = rand(16, shape, jnp.bfloat16)
+    r = rand(17, shape, jnp.float32)
+    w = rand(18, (n,), jnp.float32, scale=0.2, shift=1.0)
+    dy = rand(19, shape, jnp.bfloat16)
+    dh = rand(20, shape, jnp.bfloat16)
+
+    def f(x, r, w):
+        return accel_jax.rmsnorm_residual_fused(x, r, w, return_residual=True)
+
+    (_, h), vjp = jax.vjp(f, x, r, w)
+    assert h.dtype == jnp.bfloat16
+    assert _mosaic_gpu_calls(vjp, (dy, dh)) == 1
+    dx, dr, dw = jax.jit(vjp)((dy, dh))
+    assert dx.dtype == jnp.bfloat16 and dr.dtype == jnp.float32
+    ref, ref_dw, cx, cw = bwd64(dy, f64(h), w, dh=dh)
     assert_grad_close(dx, ref, cx, what="dx")
     assert_grad_close(dr, ref, cx, what="dresidual")
     assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")

@@ -68,6 +68,27 @@ def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected
     assert backends.forward_kernels(m, 1000, fused, [BF16], choice) is kernels
 
 
+@pytest.mark.parametrize(
+    "setting, m, n, hopper, expected",
+    [
+        ("auto", 8192, 4096, True, kernels_mgpu),
+        ("auto", 8192, 2048, True, kernels_mgpu),
+        ("auto", 4096, 5120, True, kernels_mgpu),
+        ("auto", 2048, 4096, True, kernels),  # below MGPU_BWD_MIN_ELEMS: a tie there
+        ("auto", 16384, 1024, True, kernels),  # 1024 columns: Triton was faster
+        ("auto", 8192, 4096, False, kernels),  # before Hopper
+        ("auto", 8192, 3584, True, kernels),  # not served: not a multiple of 1024
+        ("mosaic_gpu", 256, 1024, False, kernels_mgpu),
+        ("mosaic_gpu", 4096, 7168, True, kernels),  # past BWD_MAX_COLS
+        ("triton", 8192, 4096, True, kernels),
+        ("reference", 8192, 4096, True, kernels),
+    ],
+)
+def test_backward_backend_choice(monkeypatch, setting, m, n, hopper, expected):
+    monkeypatch.setattr(backends, "_hopper_or_newer", lambda: hopper)
+    assert backends.backward_kernels(m, n, [BF16], setting) is expected
+
+
 def test_unknown_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "cutlass")
     with pytest.raises(ValueError, match="ACCEL_JAX_BACKEND.*cutlass"):
@@ -111,6 +132,39 @@ def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
+BWD_CASES = list(
+    itertools.product(
+        [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584)],  # G > M at 3 rows
+        [BF16, F32],
+        [None, BF16],  # weight
+        [False, True],  # dh (fused)
+        [None, F32],  # dres dtype
+    )
+)
+
+
+@pytest.mark.parametrize("shape, dtype, weight, dh, dres", BWD_CASES, ids=str)
+def test_every_backward_variant_lowers_for_cuda(shape, dtype, weight, dh, dres):
+    m, n = shape
+    args = [jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct(shape, dtype)]
+    args.append(jax.ShapeDtypeStruct((m,), F32))
+    args.append(jax.ShapeDtypeStruct((n,), weight) if weight else None)
+    args.append(jax.ShapeDtypeStruct(shape, dtype) if dh else None)
+    dtypes = [a.dtype for a in args if a is not None and a.shape != (m,)] + [dtype]
+    if not kernels_mgpu.supported_bwd(m, n, *dtypes, *([dres] if dres else [])):
+        assert n % (128 * kernels_mgpu.vector_len(*dtypes)) != 0
+        pytest.skip("not served: N is not a multiple of 128 vectors")
+    assert n <= kernels_mgpu.BWD_MAX_COLS
+
+    def f(dy, x, rstd, w, dh):
+        return kernels_mgpu.rmsnorm_bwd(
+            dy, x, rstd, w, dh, weight_offset=1.0, dx_dtype=dtype, dres_dtype=dres
+        )
+
+    text = _lower(f, *args)
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
 @pytest.mark.skipif(
     jax.default_backend() == "gpu" or not _jaxlib_lowers_without_compiling(),
     reason="CPU-only check of the lowering (GPU runs compile for real)",
@@ -133,12 +187,18 @@ def test_public_op_dispatches_to_mosaic_gpu_when_forced(monkeypatch):
 
         return jax.jit(f).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
 
-    # train: the forward, then the Triton-lowered backward (2048 rows: dx + partials, their sum)
-    for setting, mosaic, triton_train in (("mosaic_gpu", 1, 2), ("triton", 0, 3)):
+    # train: the forward, then the backward (Triton-lowered, 2048 rows: dx + partials, their
+    # sum; Mosaic GPU: one launch, the partials summed by XLA)
+    for setting, mosaic, mosaic_train, triton_train in (
+        ("mosaic_gpu", 1, 2, 0),
+        ("triton", 0, 0, 3),
+        ("auto", 0, 0, 3),  # not Hopper (_hopper_or_newer is False on this machine)
+    ):
         monkeypatch.setenv("ACCEL_JAX_BACKEND", setting)
         for train in (False, True):
             text = lowered(train)
-            assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic, (setting, train)
+            expected = mosaic_train if train else mosaic
+            assert text.count("stablehlo.custom_call @mosaic_gpu") == expected, (setting, train)
             if train:
                 assert text.count("__gpu$xla.gpu.triton") == triton_train, setting
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "reference")
