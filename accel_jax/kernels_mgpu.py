@@ -158,6 +158,17 @@ def _load(ref, layout):
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
+def _launch(kernel, name: str, out_shape, programs: int, grid_name: str):
+    """kernel as a one-warpgroup-per-program Mosaic GPU call over a 1-D grid, named name."""
+    return plgpu.kernel(
+        _named(kernel, name),
+        out_type=out_shape,
+        grid=(programs,),
+        grid_names=(grid_name,),
+        compiler_params=_compiler_params(),
+    )
+
+
 def _named(kernel, name: str):
     """kernel under a function name (Mosaic GPU names the kernel after it)."""
 
@@ -258,14 +269,8 @@ def rmsnorm_fwd(
         store_h=store_h,
         store_rstd=store_rstd,
     )
-    body = _named(kernel, "rmsnorm_residual_fwd_mgpu" if has_residual else "rmsnorm_fwd_mgpu")
-    outs = plgpu.kernel(
-        body,
-        out_type=out_shape,
-        grid=(pl.cdiv(m, rows),),
-        grid_names=("rows",),
-        compiler_params=_compiler_params(),
-    )(*inputs)
+    name = "rmsnorm_residual_fwd_mgpu" if has_residual else "rmsnorm_fwd_mgpu"
+    outs = _launch(kernel, name, out_shape, pl.cdiv(m, rows), "rows")(*inputs)
     return fwd_outputs(outs, store_h, store_rstd)
 
 
@@ -366,15 +371,7 @@ def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres
         has_dh=has_dh,
         store_dres=store_dres,
     )
-    outs = list(
-        plgpu.kernel(
-            _named(kernel, "rmsnorm_bwd_mgpu"),
-            out_type=out_shape,
-            grid=(programs,),
-            grid_names=("programs",),
-            compiler_params=_compiler_params(),
-        )(*inputs)
-    )
+    outs = list(_launch(kernel, "rmsnorm_bwd_mgpu", out_shape, programs, "programs")(*inputs))
     dweight = jnp.sum(outs.pop(), axis=0).astype(weight.dtype) if has_weight else None
     return outs[0], (outs[1] if store_dres else None), dweight
 

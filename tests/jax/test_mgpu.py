@@ -30,6 +30,7 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
         ((4096, 1000, [BF16], False)),  # not a multiple of 256
         ((4096, 4160, [F32], False)),
         ((2, 8192, [BF16], True)),  # two rows per program
+        ((4096, 4352, [BF16], False)),  # two rows per program: N not whole 512-column tiles
         ((1, 8192, [BF16], False)),
         ((64, 16384, [BF16], False)),  # past MAX_COLS
     ],
