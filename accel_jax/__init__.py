@@ -6,13 +6,16 @@ Public API (the same as accel_torch's):
                            casting="fp32", return_residual=False, residual_dtype=None)
 plus rmsnorm_reference / rmsnorm_residual_reference (plain jnp), the Flax modules
 accel_jax.linen.RMSNorm (alias PallasRMSNorm) and accel_jax.nnx.RMSNorm, and
-set_interpret(flag). ACCEL_INTERPRET=1 in the environment, read once at import, makes the
-kernels run in Pallas interpret mode (how they are tested on a CPU). float64 inputs (under
+set_interpret(flag) and use_backend(choice), a context manager choosing the GPU kernels
+("auto", "triton", "mosaic_gpu", "reference"; also ACCEL_JAX_BACKEND). ACCEL_INTERPRET=1
+in the environment, read once at import, makes the kernels run in Pallas interpret mode (how
+they are tested on a CPU). float64 inputs (under
 jax_enable_x64) are computed in float64 by the reference math.
 """
 
 import os
 
+from accel_jax.backends import use_backend
 from accel_jax.ops import (
     get_interpret,
     rmsnorm,
@@ -50,4 +53,5 @@ __all__ = [
     "rmsnorm_residual_fused",
     "rmsnorm_residual_reference",
     "set_interpret",
+    "use_backend",
 ]

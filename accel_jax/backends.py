@@ -1,6 +1,7 @@
 """Which kernels run a compiled GPU op: the Triton-lowered ones or Mosaic GPU's.
 
-``ACCEL_JAX_BACKEND`` (read when a call is traced):
+``ACCEL_JAX_BACKEND`` (read when a call is traced), or ``use_backend(choice)`` around the
+tracing, which wins over the variable:
 - ``auto`` (default): Mosaic GPU for the fused residual forward on compute capability 9.0+
   from ``MGPU_FUSED_MIN_ROWS`` rows, and the Mosaic GPU backward for ``MGPU_BWD_COLS``
   columns from ``MGPU_BWD_MIN_ELEMS`` elements, where each measured faster on the H200
@@ -11,12 +12,16 @@
 - ``reference``: the plain-jnp reference math everywhere (no kernels).
 The setting is part of each call's static configuration, so a change takes effect for the
 next call even where an earlier one was already traced; a backward follows the setting its
-forward was traced under.
+forward was traced under. Forcing ``mosaic_gpu`` on a GPU older than compute capability 9.0
+(Mosaic GPU needs Hopper) is a ValueError naming the device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import jax
 
@@ -33,20 +38,62 @@ MGPU_BWD_COLS = (2048, 5120)
 MGPU_BWD_MIN_ELEMS = 2**24
 
 
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "accel_jax_backend", default=None
+)
+
+
+def _checked(value, where: str) -> str:
+    choice = value.strip().lower() if isinstance(value, str) else value
+    if choice not in CHOICES:
+        raise ValueError(f"{where} must be one of {CHOICES}, got {value!r}")
+    return choice
+
+
 def backend() -> str:
-    """The ACCEL_JAX_BACKEND setting (ValueError naming it when unknown)."""
-    value = os.environ.get("ACCEL_JAX_BACKEND", "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"ACCEL_JAX_BACKEND must be one of {CHOICES}, got {value!r}")
-    return value
+    """The setting in force: ``use_backend``'s innermost block, else ACCEL_JAX_BACKEND
+    (default "auto"; ValueError naming it when unknown)."""
+    override = _OVERRIDE.get()
+    if override is not None:
+        return override
+    return _checked(os.environ.get("ACCEL_JAX_BACKEND", "auto") or "auto", "ACCEL_JAX_BACKEND")
 
 
-def _hopper_or_newer() -> bool:
+@contextlib.contextmanager
+def use_backend(choice: str) -> Iterator[None]:
+    """Calls traced inside the block run on ``choice`` (one of CHOICES), over
+    ACCEL_JAX_BACKEND; blocks nest. A jitted function keeps the setting it was traced
+    under::
+
+        with accel_jax.use_backend("triton"):
+            y = jax.jit(accel_jax.rmsnorm)(x, w)
+    """
+    token = _OVERRIDE.set(_checked(choice, "use_backend's choice"))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def hopper_or_newer() -> bool:
+    """True when JAX's first device is an NVIDIA GPU of compute capability 9.0 or newer."""
     try:
         cc = getattr(jax.devices()[0], "compute_capability", None)
         return cc is not None and float(cc) >= 9.0
     except (RuntimeError, ValueError, TypeError):
         return False
+
+
+def check_forced(choice: str) -> None:
+    """ValueError when ``mosaic_gpu`` is forced for a GPU that cannot run it."""
+    if choice == "mosaic_gpu" and not hopper_or_newer():
+        device = jax.devices()[0]
+        cc = getattr(device, "compute_capability", None)
+        raise ValueError(
+            f"accel_jax backend 'mosaic_gpu' needs an NVIDIA GPU of compute capability 9.0 or "
+            f"newer; this device is {device.device_kind!r} (compute capability {cc}); "
+            "use 'auto' or 'triton'"
+        )
 
 
 def from_mode(mode: str) -> str:
@@ -62,7 +109,7 @@ def backward_kernels(m: int, n: int, dtypes, choice: str = "auto"):
     if choice == "mosaic_gpu":
         return kernels_mgpu
     wins = MGPU_BWD_COLS[0] <= n <= MGPU_BWD_COLS[1] and m * n >= MGPU_BWD_MIN_ELEMS
-    return kernels_mgpu if wins and _hopper_or_newer() else kernels
+    return kernels_mgpu if wins and hopper_or_newer() else kernels
 
 
 def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
@@ -75,7 +122,7 @@ def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
         return kernels
     if choice == "mosaic_gpu":
         return kernels_mgpu
-    if fused and m >= MGPU_FUSED_MIN_ROWS and _hopper_or_newer():
+    if fused and m >= MGPU_FUSED_MIN_ROWS and hopper_or_newer():
         return kernels_mgpu
     return kernels
 
@@ -87,6 +134,9 @@ __all__ = [
     "MGPU_FUSED_MIN_ROWS",
     "backend",
     "backward_kernels",
+    "check_forced",
     "forward_kernels",
     "from_mode",
+    "hopper_or_newer",
+    "use_backend",
 ]

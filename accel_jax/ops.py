@@ -122,6 +122,7 @@ def _mode(x, interpret, wide: bool, itemsize: int = 4) -> str:
         return "interpret"
     if math.prod(x.shape) * itemsize >= _KERNEL_BYTES_LIMIT:
         return "reference"
+    backends.check_forced(choice)
     quiet_triton_deprecation()
     return "pallas" if choice == "auto" else f"pallas-{choice}"
 

@@ -260,6 +260,34 @@ def _build_accel_jax(op: str, eps: float) -> Callable:
     return _jax_ops(lambda x, w, eps_: accel_jax.rmsnorm(x, w, eps_), op, eps)
 
 
+def _accel_jax_on(choice: str) -> Callable[[str, float], Callable]:
+    """Builds accel_jax's op traced under ``accel_jax.use_backend(choice)``."""
+
+    def build(op: str, eps: float) -> Callable:
+        import accel_jax
+
+        f = _build_accel_jax(op, eps)
+
+        def on_backend(*args):
+            with accel_jax.use_backend(choice):
+                return f(*args)
+
+        return on_backend
+
+    return build
+
+
+def _mosaic_gpu_reason() -> str | None:
+    reason = _import_reason("accel_jax")
+    if reason:
+        return reason
+    from accel_jax import backends
+
+    if not backends.hopper_or_newer():
+        return "Mosaic GPU needs an NVIDIA GPU of compute capability 9.0 or newer"
+    return None
+
+
 REGISTRY: tuple[Impl, ...] = (
     Impl(
         "torch_eager",
@@ -349,6 +377,28 @@ REGISTRY: tuple[Impl, ...] = (
         "Mosaic GPU as ACCEL_JAX_BACKEND picks)",
         lambda: _import_reason("accel_jax"),
         _build_accel_jax,
+    ),
+    Impl(
+        "accel_jax_triton",
+        "accel_jax:triton",
+        JAX,
+        True,
+        "accel_jax with use_backend('triton'): the Pallas Triton-lowered kernels only (GPU "
+        "only: on a CPU every backend runs the same interpreted kernels)",
+        lambda: _import_reason("accel_jax"),
+        _accel_jax_on("triton"),
+        needs_cuda=True,
+    ),
+    Impl(
+        "accel_jax_mgpu",
+        "accel_jax:mgpu",
+        JAX,
+        True,
+        "accel_jax with use_backend('mosaic_gpu'): Pallas Mosaic GPU kernels wherever they "
+        "serve the shape (kernels_mgpu.supported / supported_bwd), Triton-lowered elsewhere",
+        _mosaic_gpu_reason,
+        _accel_jax_on("mosaic_gpu"),
+        needs_cuda=True,
     ),
 )
 

@@ -108,7 +108,7 @@ def test_help_states_the_defaults_that_apply():
     assert skipped and cuda_only
     needs_cuda = text.split("compile) and ")[1].split(" need")[0].split(", ")
     assert needs_cuda == cuda_only and f"{skipped[0]} runs only when named" in text
-    assert "liger, quack need CUDA" in text
+    assert "liger, quack, accel_jax_triton, accel_jax_mgpu need CUDA" in text
     assert "default: all)" not in text
     assert "bench/results/<card>/ on a GPU" in text and "bench/results-cpu on a CPU" in text
     assert "--widths also run the hidden widths real models use: " + ", ".join(WIDTH_SHAPES) in text

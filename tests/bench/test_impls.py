@@ -143,7 +143,37 @@ def test_select():
     with pytest.raises(ValueError, match="unknown implementations"):
         impls.select("torch_eager,cudnn")
     assert {i.framework for i in impls.REGISTRY} == {"torch", "jax"}
-    assert [i.name for i in impls.REGISTRY if i.project] == ["accel_torch", "accel_jax"]
+    ours = [i.name for i in impls.REGISTRY if i.project]
+    assert ours == ["accel_torch", "accel_jax", "accel_jax_triton", "accel_jax_mgpu"]
+
+
+@pytest.mark.parametrize("name, choice", [("accel_jax", "auto"), ("accel_jax_triton", "triton")])
+def test_accel_jax_columns_trace_under_their_backend(monkeypatch, name, choice):
+    """Each accel_jax column's op reads its own backend setting when traced, whatever
+    ACCEL_JAX_BACKEND says (the variable is the setting of the plain column)."""
+    import jax
+
+    from accel_jax import backends
+
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "auto")
+    real, seen = backends.backend, []
+    monkeypatch.setattr(backends, "backend", lambda: seen.append(real()) or seen[-1])
+    for op in ("fwd", "fused", "fwdbwd"):
+        seen.clear()
+        jax.make_jaxpr(impls.BY_NAME[name].build(op, EPS))(*impls.jax_inputs(op, SHAPE, "fp32"))
+        assert seen and set(seen) == {choice}, (op, seen)
+
+
+def test_mosaic_gpu_column_needs_hopper(monkeypatch):
+    from accel_jax import backends
+
+    mgpu = impls.BY_NAME["accel_jax_mgpu"]
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: False)
+    assert "compute capability 9.0" in mgpu.unavailable(on_gpu=True)
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
+    assert mgpu.unavailable(on_gpu=True) is None
+    for name in ("accel_jax_mgpu", "accel_jax_triton"):  # on a CPU: the accel_jax column's
+        assert "CUDA" in impls.BY_NAME[name].unavailable(on_gpu=False, requested=True)
 
 
 # ------------------------------------------------------------------------------ quack

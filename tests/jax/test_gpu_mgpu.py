@@ -164,7 +164,7 @@ def test_fused_backward_with_fp32_residual(shape):
 
 def test_auto_picks_mosaic_gpu_for_large_fused_on_hopper(monkeypatch):
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "auto")
-    hopper = backends._hopper_or_newer()
+    hopper = backends.hopper_or_newer()
     x = rand(6, (4096, 4096), jnp.bfloat16)
     fused = lambda x: accel_jax.rmsnorm_residual_fused(x, x)  # noqa: E731
     assert _uses_mosaic_gpu(fused, x) == hopper

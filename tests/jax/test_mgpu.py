@@ -62,7 +62,7 @@ def test_rows_per_program_keeps_a_threads_share():
 )
 def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected):
     monkeypatch.setenv("ACCEL_JAX_BACKEND", setting)
-    monkeypatch.setattr(backends, "_hopper_or_newer", lambda: hopper)
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: hopper)
     choice = backends.backend()
     assert backends.forward_kernels(m, 4096, fused, [BF16], choice) is expected
     # a shape Mosaic GPU does not serve always gets the Triton-lowered kernels
@@ -86,7 +86,7 @@ def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected
     ],
 )
 def test_backward_backend_choice(monkeypatch, setting, m, n, hopper, expected):
-    monkeypatch.setattr(backends, "_hopper_or_newer", lambda: hopper)
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: hopper)
     assert backends.backward_kernels(m, n, [BF16], setting) is expected
 
 
@@ -190,18 +190,60 @@ def test_public_op_dispatches_to_mosaic_gpu_when_forced(monkeypatch):
 
     # train: the forward, then the backward (Triton-lowered, 2048 rows: dx + partials, their
     # sum; Mosaic GPU: one launch, the partials summed by XLA)
-    for setting, mosaic, mosaic_train, triton_train in (
-        ("mosaic_gpu", 1, 2, 0),
-        ("triton", 0, 0, 3),
-        ("auto", 0, 0, 3),  # not Hopper (_hopper_or_newer is False on this machine)
+    for setting, hopper, mosaic, mosaic_train, triton_train in (
+        ("mosaic_gpu", True, 1, 2, 0),
+        ("triton", True, 0, 0, 3),
+        ("auto", False, 0, 0, 3),  # before Hopper (auto's choice on Hopper: the tables above)
     ):
-        monkeypatch.setenv("ACCEL_JAX_BACKEND", setting)
-        for train in (False, True):
-            text = lowered(train)
-            expected = mosaic_train if train else mosaic
-            assert text.count("stablehlo.custom_call @mosaic_gpu") == expected, (setting, train)
-            if train:
-                assert text.count("__gpu$xla.gpu.triton") == triton_train, setting
+        monkeypatch.setattr(backends, "hopper_or_newer", lambda hopper=hopper: hopper)
+        for how in ("environment", "use_backend"):
+            # use_backend wins over the variable (set here to a backend without kernels)
+            monkeypatch.setenv(
+                "ACCEL_JAX_BACKEND", setting if how == "environment" else "reference"
+            )
+            for train in (False, True):
+                if how == "environment":
+                    text = lowered(train)
+                else:
+                    with accel_jax.use_backend(setting):
+                        text = lowered(train)
+                expected = mosaic_train if train else mosaic
+                key = (setting, hopper, how, train)
+                assert text.count("stablehlo.custom_call @mosaic_gpu") == expected, key
+                if train:
+                    assert text.count("__gpu$xla.gpu.triton") == triton_train, key
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "reference")
     text = lowered(True)
     assert "mosaic_gpu" not in text and "triton" not in text
+
+
+def test_use_backend_wins_over_the_environment_and_nests(monkeypatch):
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "reference")
+    with accel_jax.use_backend("Triton"):
+        assert backends.backend() == "triton"
+        with accel_jax.use_backend("mosaic_gpu"):
+            assert backends.backend() == "mosaic_gpu"
+        assert backends.backend() == "triton"
+        with pytest.raises(RuntimeError), accel_jax.use_backend("auto"):
+            raise RuntimeError  # an error inside a block still restores the setting
+        assert backends.backend() == "triton"
+    assert backends.backend() == "reference"
+    with pytest.raises(ValueError, match="use_backend.*cutlass"), accel_jax.use_backend("cutlass"):
+        pass
+    with pytest.raises(ValueError, match="use_backend.*None"), accel_jax.use_backend(None):
+        pass
+
+
+def test_forcing_mosaic_gpu_before_hopper_is_an_error(monkeypatch):
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "_STATE", {"interpret": False})
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: False)
+    x = jax.ShapeDtypeStruct((2048, 4096), BF16)
+    w = jax.ShapeDtypeStruct((4096,), BF16)
+    with (
+        pytest.raises(ValueError, match="'mosaic_gpu' needs .* compute capability 9.0"),
+        accel_jax.use_backend("mosaic_gpu"),
+    ):
+        jax.jit(accel_jax.rmsnorm).trace(x, w)
+    with accel_jax.use_backend("triton"):  # the other backends trace there
+        jax.jit(accel_jax.rmsnorm).trace(x, w)
