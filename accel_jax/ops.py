@@ -101,14 +101,8 @@ def _kernels_available() -> bool:
     return False
 
 
-# Arrays this large get 64-bit offsets in the Pallas Triton lowering, whose compile crashed
-# (a segfault inside XLA, jaxlib 0.11.2 on an H200): the compiled path stays below it.
-_KERNEL_BYTES_LIMIT = 2**32
-
-
-def _mode(x, interpret, wide: bool, itemsize: int = 4) -> str:
-    """The path (module docstring); wide: some dtype is float64; itemsize: the widest of the
-    arrays of x's shape read or written (x, residual, y, h)."""
+def _mode(x, interpret, wide: bool) -> str:
+    """The path (module docstring); wide: some dtype is float64."""
     interpret = (
         _STATE["interpret"] if interpret is None else checks.check_flag("interpret", interpret)
     )
@@ -120,8 +114,6 @@ def _mode(x, interpret, wide: bool, itemsize: int = 4) -> str:
         return "reference"
     if interpret:
         return "interpret"
-    if math.prod(x.shape) * itemsize >= _KERNEL_BYTES_LIMIT:
-        return "reference"
     backends.check_forced(choice)
     quiet_triton_deprecation()
     return "pallas" if choice == "auto" else f"pallas-{choice}"
@@ -293,7 +285,6 @@ def rmsnorm_general(
         a.dtype for a in (residual, weight) if a is not None
     ]
     wide = checks.F64 in dtypes
-    x_shaped = dtypes[:3] + ([residual.dtype] if residual is not None else [])  # not (N,)
     spec = _Spec(
         eps=eps,
         weight_offset=weight_offset,
@@ -303,7 +294,7 @@ def rmsnorm_general(
         x_dtype=x.dtype,
         res_dtype=residual.dtype if residual is not None else None,
         return_residual=return_residual,
-        mode=_mode(x, interpret, wide, max(jnp.dtype(d).itemsize for d in x_shaped)),
+        mode=_mode(x, interpret, wide),
         axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
     )
     # N-D arrays go through: the sharding layer partitions them and flattens each block.

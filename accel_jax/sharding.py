@@ -187,6 +187,41 @@ def _two_phase_fwd(cfg: Fwd, x, residual, weight, hidden):
     return y.astype(cfg.out_dtype), h, rstd
 
 
+# Arrays of 2^32 bytes or more get 64-bit offsets in the Pallas Triton lowering, and XLA's
+# compile of such a kernel crashed (a segfault, jaxlib 0.11.2, H200): blocks that large run
+# the kernels on row chunks whose arrays stay below this many bytes.
+CHUNK_BYTES = 2**32
+
+
+def row_chunks(m: int, n: int, itemsize: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of an (M, N) kernel call whose (rows, N) arrays of
+    ``itemsize`` bytes per element stay below CHUNK_BYTES: [(0, M)] when the whole fits,
+    else as few near-equal ranges as the limit allows."""
+    per = max(1, (CHUNK_BYTES - 1) // (n * itemsize))
+    if m <= per:
+        return [(0, m)]
+    size = -(-m // -(-m // per))
+    return [(start, min(start + size, m)) for start in range(0, m, size)]
+
+
+def _widest(dtypes) -> int:
+    return max(jnp.dtype(d).itemsize for d in dtypes)
+
+
+def _rows(a, chunk):
+    """a's rows [start, stop) (a itself when that is all of them; None stays None)."""
+    if a is None or (chunk[0] == 0 and chunk[1] == a.shape[0]):
+        return a
+    return jax.lax.slice_in_dim(a, chunk[0], chunk[1])
+
+
+def _concat(parts):
+    """The chunks' outputs as one array (None when the kernels returned none)."""
+    if parts[0] is None:
+        return None
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
 def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
     """Forward of one device's block; returns (y, h or None, rstd (x.shape[:-1]) or None).
 
@@ -198,18 +233,24 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
         y, h, rstd = reference_fwd(x, residual, weight, need_h=cfg.need_h, **fwd_args(cfg))
     else:
         n, lead = x.shape[-1], x.shape[:-1]
+        x2 = x.reshape(-1, n)
         r2 = residual.reshape(-1, n) if residual is not None else None
         args = dict(store_h=cfg.need_h, store_rstd=cfg.save, **fwd_args(cfg))
-        if cfg.mode == "interpret":
-            y, h, rstd = kernels.rmsnorm_fwd(x.reshape(-1, n), r2, weight, interpret=True, **args)
-        else:
-            dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
-            dtypes += [cfg.out_dtype, cfg.round_dtype]
-            fused = residual is not None
+        dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
+        dtypes += [cfg.out_dtype, cfg.round_dtype]
+
+        def launch(x2, r2):
+            if cfg.mode == "interpret":
+                return kernels.rmsnorm_fwd(x2, r2, weight, interpret=True, **args)
             choice = backends.from_mode(cfg.mode)
-            chosen = backends.forward_kernels(math.prod(lead), n, fused, dtypes, choice)
+            chosen = backends.forward_kernels(x2.shape[0], n, r2 is not None, dtypes, choice)
             extra = {"interpret": False} if chosen is kernels else {}
-            y, h, rstd = chosen.rmsnorm_fwd(x.reshape(-1, n), r2, weight, **args, **extra)
+            return chosen.rmsnorm_fwd(x2, r2, weight, **args, **extra)
+
+        rows_dtypes = [a.dtype for a in (x, residual) if a is not None] + dtypes[-2:]
+        chunks = row_chunks(x2.shape[0], n, _widest(rows_dtypes))
+        parts = [launch(*(_rows(a, c) for a in (x2, r2))) for c in chunks]
+        y, h, rstd = (_concat([p[i] for p in parts]) for i in range(3))
         y = y.reshape(x.shape)
         h = h.reshape(x.shape) if h is not None else None
         rstd = rstd.reshape(lead) if rstd is not None else None
@@ -243,23 +284,38 @@ def _rows_bwd(cfg: Bwd, dy, x, rstd, weight, dh, dw32: bool):
     w = weight.astype(F32) if (weight is not None and dw32) else weight
     args = dict(weight_offset=cfg.weight_offset, dx_dtype=cfg.dx_dtype, dres_dtype=cfg.dres_dtype)
     n = x.shape[-1]
+    lead = x.shape[: cfg.keep]
+    dtypes = [a.dtype for a in (dy, x, w, dh) if a is not None] + [cfg.dx_dtype]
+    dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
 
-    def two_d(dy, x, rstd, dh):
-        flat = [a.reshape(-1, n) if a is not None else None for a in (dy, x, dh)]
-        dy2, x2, dh2 = flat
-        if cfg.mode == "reference":
-            return reference_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args)
+    def launch(dy2, x2, rstd, dh2, w):
         if cfg.mode == "interpret":
-            return kernels.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, interpret=True, **args)
-        dtypes = [a.dtype for a in (dy2, x2, w, dh2) if a is not None] + [cfg.dx_dtype]
-        dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
+            return kernels.rmsnorm_bwd(dy2, x2, rstd, w, dh2, interpret=True, **args)
         # vmapped (cfg.keep): the Triton-lowered kernels, which Pallas batches over a grid axis
         choice = backends.from_mode(cfg.mode) if not cfg.keep else "triton"
         chosen = backends.backward_kernels(x2.shape[0], n, dtypes, choice)
         extra = {"interpret": False} if chosen is kernels else {}
-        return chosen.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args, **extra)
+        return chosen.rmsnorm_bwd(dy2, x2, rstd, w, dh2, **args, **extra)
 
-    lead = x.shape[: cfg.keep]
+    def two_d(dy, x, rstd, dh):
+        dy2, x2, dh2 = (a.reshape(-1, n) if a is not None else None for a in (dy, x, dh))
+        if cfg.mode == "reference":
+            return reference_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args)
+        # a vmapped call's kernel spans every mapped index: its chunks are that much smaller
+        rows_dtypes = [a.dtype for a in (dy2, x2, dh2) if a is not None] + [cfg.dx_dtype]
+        rows_dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
+        chunks = row_chunks(x2.shape[0], n, _widest(rows_dtypes) * math.prod(lead))
+        if len(chunks) == 1:
+            return launch(dy2, x2, rstd.reshape(-1), dh2, w)
+        # dweight per chunk in fp32, summed in chunk order, rounded once
+        w32 = w.astype(F32) if w is not None else None
+        parts = [
+            launch(*(_rows(a, c) for a in (dy2, x2, rstd.reshape(-1), dh2)), w32) for c in chunks
+        ]
+        dx, dres = (_concat([p[i] for p in parts]) for i in range(2))
+        dweight = functools.reduce(jnp.add, [p[2] for p in parts]) if w is not None else None
+        return dx, dres, (dweight.astype(w.dtype) if w is not None else None)
+
     if cfg.keep:
         # dweight per leading (vmapped) index: the 2-D backward mapped over those.
         b = math.prod(lead)

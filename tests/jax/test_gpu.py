@@ -169,8 +169,8 @@ def test_flax_modules_on_gpu():
     ids=["single-block-below-limit", "looped-below-limit", "above-limit"],
 )
 def test_near_and_past_2_pow_31_elements(n, elements):
-    """bf16 arrays just under 2^32 bytes (the kernels, 32-bit offsets near their limit) and
-    past it (the reference math), forward and backward: the first, middle and last rows
+    """bf16 arrays just under 2^32 bytes (one kernel call, 32-bit offsets near their limit)
+    and past it (the kernels on row chunks), forward and backward: the first, middle and last rows
     against float64. x and dy repeat a few random rows (period K), so dweight's float64
     reference is K rows weighted by their counts."""
     m = elements // n
