@@ -8,10 +8,9 @@ Dispatch, decided when a call is traced:
   ``ACCEL_JAX_BACKEND`` picks or forces one, ``reference`` forces the reference math);
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
 The reference math also serves float64 (computed in float64), shapes with symbolic
-dimensions (``jax.export``: the kernels need static shapes), arrays of 2^32 bytes or more
-on the compiled path (there Pallas switches to 64-bit offsets, and XLA's compile of such a
-kernel crashes on jaxlib 0.11.2 / H200) and a JAX without the Pallas Triton backend (with one
-warning).
+dimensions (``jax.export``: the kernels need static shapes) and a JAX without the Pallas
+Triton backend (with one warning). Arrays of 2^32 bytes or more run the kernels on row
+chunks below that size (``accel_jax.sharding.row_chunks``).
 
 Every path goes through the same ``custom_vjp``: saved for backward are x (or h) and one fp32
 rstd per row; the backward is the kernels' formula (or its jnp twin on CPU). The forward

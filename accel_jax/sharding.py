@@ -187,9 +187,9 @@ def _two_phase_fwd(cfg: Fwd, x, residual, weight, hidden):
     return y.astype(cfg.out_dtype), h, rstd
 
 
-# Arrays of 2^32 bytes or more get 64-bit offsets in the Pallas Triton lowering, and XLA's
-# compile of such a kernel crashed (a segfault, jaxlib 0.11.2, H200): blocks that large run
-# the kernels on row chunks whose arrays stay below this many bytes.
+# Arrays of 2^32 bytes or more would get 64-bit offsets in the Pallas Triton lowering (which
+# the kernels are not tested with; a crash once seen there may have been a captured constant
+# instead): blocks that large run the kernels on row chunks whose arrays stay below this.
 CHUNK_BYTES = 2**32
 
 

@@ -74,6 +74,7 @@ def environment(device: torch.device, real: bool) -> dict:
         "device": name,
         "mode": mode,
         "jax_backend": jax.default_backend(),
+        "accel_jax_kernels": accel_jax.backends.backend(),  # ACCEL_JAX_BACKEND's choice
         "sizes": "real" if real else "small",
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -111,7 +112,8 @@ def render_text(results: list[CaseResult], env: dict) -> str:
     """The report as a fixed-width table plus breaches, waivers and informational numbers."""
     lines = [
         "accel RMSNorm numerics parity report (python -m tests.numerics)",
-        "device: {device} ({device_type}, {mode}; JAX {jax_backend}); sizes: {sizes}".format(**env),
+        "device: {device} ({device_type}, {mode}; JAX {jax_backend}, accel_jax kernels "
+        "{accel_jax_kernels}); sizes: {sizes}".format(**env),
         "python {python}, torch {torch}, triton {triton}, jax {jax}".format(**env),
         "",
         LEGEND,
