@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One call on the GPU machine; logs and results under $OUT, a short summary printed last.
+# One call on the GPU machine; logs and results packed in $OUT/all.tgz (at most 8 files come
+# back from a call), a short summary printed last.
 #   bash scripts/gpu_run.sh bench    # python -m bench (all shapes) + numerics report, real sizes
-#   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites
+#   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites, in
+#                                    # parallel processes (none of them times anything but
+#                                    # tests/bench's smoke run, which runs last, alone)
 #   bash scripts/gpu_run.sh tune     # sweep the Triton launch parameters (scripts/tune_torch.py)
 #   bash scripts/gpu_run.sh tune-jax # sweep the Pallas launch parameters (scripts/tune_jax.py)
 #   bash scripts/gpu_run.sh carveout # both kernels under JAX's cache split (scripts/carveout_check.py)
@@ -16,26 +19,34 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-summary=()
-step() {  # step NAME LOGFILE COMMAND...
+RUN=$(mktemp -d)  # packed into $OUT/all.tgz at the end
+step() {  # step NAME LOGFILE COMMAND... (a line in summary.txt; may run in the background)
     local name=$1 log=$2 t0=$SECONDS rc
     shift 2
-    "$@" > "$OUT/$log" 2>&1
+    "$@" > "$RUN/$log" 2>&1
     rc=$?
-    summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$log")")")
+    printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) \
+        "$(tail -n 1 "$RUN/$log")" >> "$RUN/summary.txt"
 }
+PYTEST="python3 -X faulthandler -m pytest -q -rfE -p no:cacheprovider --durations=10 -m gpu"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import sys, torch, triton, jax, flax; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'flax', flax.__version__)"
-} > "$OUT/env.txt" 2>&1
+} > "$RUN/env.txt" 2>&1
 case $mode in
     bench)
-        step bench bench.log python3 -m bench --out "$OUT/bench"
-        step numerics numerics.log python3 -m tests.numerics --real-sizes --out "$OUT/numerics"
+        step bench bench.log python3 -m bench --out "$RUN/bench"
+        step numerics numerics.log python3 -m tests.numerics --real-sizes --out "$RUN/numerics"
         ;;
     tests)
-        step gpu-tests pytest_gpu.log python3 -m pytest -q -m gpu -p no:cacheprovider tests
-        grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -n 20
+        # the cases of 2^32-byte arrays in a process of their own; the rest side by side
+        step jax-2pow31 jax_2pow31.log $PYTEST tests/jax/test_gpu.py -k 2_pow_31 &
+        step jax jax.log $PYTEST tests/jax -k "not 2_pow_31" &
+        step torch torch.log $PYTEST tests/torch &
+        step numerics numerics.log $PYTEST tests/numerics &
+        wait
+        step bench-tests bench_tests.log $PYTEST tests/bench
+        grep -hE "^(FAILED|ERROR)|Fatal Python" "$RUN"/*.log | head -n 20
         ;;
     tune)
         step tune tune.log python3 scripts/tune_torch.py
@@ -45,12 +56,12 @@ case $mode in
         ;;
     carveout)
         step carveout carveout.log python3 scripts/carveout_check.py
-        cat "$OUT/carveout.log"
+        cat "$RUN/carveout.log"
         ;;
     parity)
         step parity parity.log python3 scripts/kernel_parity.py
-        cat "$OUT/parity.log"
+        cat "$RUN/parity.log"
         ;;
 esac
-cat "$OUT/env.txt"
-printf '%s\n' "${summary[@]}"
+tar czf "$OUT/all.tgz" -C "$RUN" .
+cat "$RUN/env.txt" "$RUN/summary.txt"
