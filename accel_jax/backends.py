@@ -2,11 +2,10 @@
 
 ``ACCEL_JAX_BACKEND`` (read when a call is traced), or ``use_backend(choice)`` around the
 tracing, which wins over the variable:
-- ``auto`` (default), on compute capability 9.0+: Mosaic GPU for the fused residual forward
-  from ``MGPU_FUSED_MIN_ROWS`` rows, for the plain forward at ``MGPU_FWD_COLS`` columns and
-  for the backward at ``MGPU_BWD_COLS`` columns, each of those two from ``MGPU_MIN_ELEMS``
-  elements: where each measured faster on the H200 (bench/NOTES.md); the Triton-lowered
-  kernels for everything else;
+- ``auto`` (default): Mosaic GPU for the fused residual forward on compute capability 9.0+
+  from ``MGPU_FUSED_MIN_ROWS`` rows, and the Mosaic GPU backward for ``MGPU_BWD_COLS``
+  columns from ``MGPU_BWD_MIN_ELEMS`` elements, where each measured faster on the H200
+  (bench/NOTES.md); the Triton-lowered kernels for everything else;
 - ``triton``: the Triton-lowered kernels only;
 - ``mosaic_gpu``: Mosaic GPU for every forward and backward it serves
   (``kernels_mgpu.supported`` / ``supported_bwd``), the Triton-lowered kernels for the rest;
@@ -32,16 +31,11 @@ CHOICES = ("auto", "triton", "mosaic_gpu", "reference")
 # From this many rows the Mosaic GPU fused forward beat the Triton one on every H200 bench
 # shape it serves (2-6%); below it (256x4096) it was slower.
 MGPU_FUSED_MIN_ROWS = 2048
-# The plain Mosaic GPU forward beat the Triton one on the H200 at 4096 rows of 4608-7168
-# columns (1-5% cold, -2..+2% warm); it tied at 8192x4096 and 32768x2048 and lost at
-# 3072-3584 columns, at 2048x4096 and 2048x8192 (warm) and at 256 rows.
-MGPU_FWD_COLS = (4608, 7168)
 # The Mosaic GPU backward beat the Triton one on the H200 at 8192x2048, 32768x2048,
 # 8192x4096 and 4096x5120 (2-10% cold); it tied at 2048x4096 and 4096x3072 and lost on
 # 1024 columns and at 256 rows.
 MGPU_BWD_COLS = (2048, 5120)
-# Below this many elements neither Mosaic GPU column range was measured faster.
-MGPU_MIN_ELEMS = 2**24
+MGPU_BWD_MIN_ELEMS = 2**24
 
 
 _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -114,7 +108,7 @@ def backward_kernels(m: int, n: int, dtypes, choice: str = "auto"):
         return kernels
     if choice == "mosaic_gpu":
         return kernels_mgpu
-    wins = MGPU_BWD_COLS[0] <= n <= MGPU_BWD_COLS[1] and m * n >= MGPU_MIN_ELEMS
+    wins = MGPU_BWD_COLS[0] <= n <= MGPU_BWD_COLS[1] and m * n >= MGPU_BWD_MIN_ELEMS
     return kernels_mgpu if wins and hopper_or_newer() else kernels
 
 
@@ -128,19 +122,16 @@ def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
         return kernels
     if choice == "mosaic_gpu":
         return kernels_mgpu
-    if fused:
-        wins = m >= MGPU_FUSED_MIN_ROWS
-    else:
-        wins = MGPU_FWD_COLS[0] <= n <= MGPU_FWD_COLS[1] and m * n >= MGPU_MIN_ELEMS
-    return kernels_mgpu if wins and hopper_or_newer() else kernels
+    if fused and m >= MGPU_FUSED_MIN_ROWS and hopper_or_newer():
+        return kernels_mgpu
+    return kernels
 
 
 __all__ = [
     "CHOICES",
     "MGPU_BWD_COLS",
+    "MGPU_BWD_MIN_ELEMS",
     "MGPU_FUSED_MIN_ROWS",
-    "MGPU_FWD_COLS",
-    "MGPU_MIN_ELEMS",
     "backend",
     "backward_kernels",
     "check_forced",

@@ -70,31 +70,12 @@ def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected
 
 
 @pytest.mark.parametrize(
-    "m, n, hopper, expected",
-    [
-        (4096, 4608, True, kernels_mgpu),
-        (4096, 5120, True, kernels_mgpu),
-        (4096, 7168, True, kernels_mgpu),
-        (4096, 4096, True, kernels),  # a tie at 8192x4096, slower at 2048x4096
-        (4096, 3584, True, kernels),  # 3072-3584 columns: slower
-        (8192, 8192, True, kernels),  # slower warm at 2048x8192
-        (2048, 5120, True, kernels),  # below MGPU_MIN_ELEMS: not measured faster
-        (4096, 5120, False, kernels),  # before Hopper
-        (4096, 4864, True, kernels),  # not served: not whole 512-column tiles
-    ],
-)
-def test_plain_forward_auto_choice(monkeypatch, m, n, hopper, expected):
-    monkeypatch.setattr(backends, "hopper_or_newer", lambda: hopper)
-    assert backends.forward_kernels(m, n, False, [BF16], "auto") is expected
-
-
-@pytest.mark.parametrize(
     "setting, m, n, hopper, expected",
     [
         ("auto", 8192, 4096, True, kernels_mgpu),
         ("auto", 8192, 2048, True, kernels_mgpu),
         ("auto", 4096, 5120, True, kernels_mgpu),
-        ("auto", 2048, 4096, True, kernels),  # below MGPU_MIN_ELEMS: a tie there
+        ("auto", 2048, 4096, True, kernels),  # below MGPU_BWD_MIN_ELEMS: a tie there
         ("auto", 16384, 1024, True, kernels),  # 1024 columns: Triton was faster
         ("auto", 8192, 4096, False, kernels),  # before Hopper
         ("auto", 8192, 3584, True, kernels),  # not served: not a multiple of 1024
