@@ -247,8 +247,9 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
             extra = {"interpret": False} if chosen is kernels else {}
             return chosen.rmsnorm_fwd(x2, r2, weight, **args, **extra)
 
-        rows_dtypes = [a.dtype for a in (x, residual) if a is not None] + dtypes[-2:]
-        chunks = row_chunks(x2.shape[0], n, _widest(rows_dtypes))
+        # the (M, N) arrays: x, residual, y and h (the weight is (N,))
+        rows_dtypes = [a.dtype for a in (x, residual) if a is not None]
+        chunks = row_chunks(x2.shape[0], n, _widest(rows_dtypes + [cfg.out_dtype, cfg.round_dtype]))
         parts = [launch(*(_rows(a, c) for a in (x2, r2))) for c in chunks]
         y, h, rstd = (_concat([p[i] for p in parts]) for i in range(3))
         y = y.reshape(x.shape)

@@ -30,10 +30,6 @@ HAS_CUDA = _has_cuda()
 if not HAS_CUDA:
     os.environ.setdefault("ACCEL_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if os.environ["ACCEL_INTERPRET"] == "1":
-        # What accel_torch sets when imported, set here too: a suite run alone (tests/bench,
-        # tests/jax) may import Triton before it, and Triton reads this at import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import pytest  # noqa: E402
