@@ -65,3 +65,4 @@ case $mode in
 esac
 tar czf "$OUT/all.tgz" -C "$RUN" .
 cat "$RUN/env.txt" "$RUN/summary.txt"
+echo "logs and results: $OUT/all.tgz"
