@@ -214,6 +214,19 @@ def _normalize(x, rstd, w, llama, round_dtype):
 # ----------------------------------------------------------------------------- forward
 
 
+def fwd_refs(refs, has_residual, has_weight, store_h, store_rstd):
+    """The forward kernels' refs in rmsnorm_fwd's order, None where absent:
+    (x, residual, w) inputs, then (y, h, rstd) outputs."""
+    it = iter(refs)
+    x_ref = next(it)
+    r_ref = next(it) if has_residual else None
+    w_ref = next(it) if has_weight else None
+    y_ref = next(it)
+    h_ref = next(it) if store_h else None
+    rstd_ref = next(it) if store_rstd else None
+    return x_ref, r_ref, w_ref, y_ref, h_ref, rstd_ref
+
+
 def _fwd_kernel(
     *refs,
     m,
@@ -228,13 +241,9 @@ def _fwd_kernel(
     store_h,
     store_rstd,
 ):
-    it = iter(refs)
-    x_ref = next(it)
-    r_ref = next(it) if has_residual else None
-    w_ref = next(it) if has_weight else None
-    y_ref = next(it)
-    h_ref = next(it) if store_h else None
-    rstd_ref = next(it) if store_rstd else None
+    x_ref, r_ref, w_ref, y_ref, h_ref, rstd_ref = fwd_refs(
+        refs, has_residual, has_weight, store_h, store_rstd
+    )
 
     rows, cols = launch.rows, launch.block_n
     r0 = pl.program_id(0) * rows
@@ -758,6 +767,7 @@ __all__ = [
     "fwd_launch",
     "fwd_out_shape",
     "fwd_outputs",
+    "fwd_refs",
     "next_pow2",
     "rmsnorm_bwd",
     "rmsnorm_dweight_reduce",

@@ -22,9 +22,13 @@ stored. Each program adds its rows' dy * xhat into an fp32 register accumulator:
 fp32 partial row each, summed in a fixed order afterwards (deterministic dweight, no
 atomics).
 
+Rows wider than that (forward past ``MAX_COLS``, backward past ``BWD_MAX_COLS``) take the
+two-walk kernels: each row is read in column chunks twice, once for its sum and once to
+write it, and the backward's dweight accumulator lives in shared memory.
+
 ``supported`` / ``supported_bwd`` say which shapes these kernels serve: N a multiple of a
 row block's vector tile (the 32 lanes of each warp of a row, 16 bytes of the narrowest dtype
-each) and at most ``MAX_COLS``, at least one block of rows. Everything else goes to the
+each) and at most ``WIDE_MAX_COLS``, at least one block of rows. Everything else goes to the
 Triton-lowered kernels.
 """
 
@@ -46,7 +50,7 @@ except ImportError as e:  # a JAX without Pallas Mosaic GPU: ops keeps the Trito
 else:
     UNAVAILABLE = None
 
-from accel_jax.kernels import bwd_refs, fwd_out_shape, fwd_outputs  # noqa: E402
+from accel_jax.kernels import bwd_refs, fwd_out_shape, fwd_outputs, fwd_refs  # noqa: E402
 
 F32 = jnp.float32
 # Rows per program are chosen so that a thread holds at most this many fp32 row elements
@@ -64,6 +68,18 @@ BWD_MAX_PROGRAMS = 264
 BWD_NARROW_COLS = 2048
 # Wider rows spill the backward's registers (H200, 4096x7168: 74.0 us against Triton's 54.1).
 BWD_MAX_COLS = 5120
+# Rows past MAX_COLS (forward) or BWD_MAX_COLS (backward) run the two-walk kernels, in column
+# chunks of these many elements (R rows of WIDE_CHUNK per forward program; the backward's rows
+# span the four warps), up to WIDE_MAX_COLS (the walks are unrolled). H200, 2048-4096 x
+# 8192-16384: 4096-column chunks the fastest of 1024-4096 in both, two rows per forward
+# program faster than four; both still 6-17% behind the Triton-lowered kernels there.
+WIDE_ROWS = 2
+WIDE_CHUNK = 4096
+BWD_CHUNK = 4096
+WIDE_MAX_COLS = 16 * WIDE_CHUNK
+# The wide backward keeps an N-element fp32 accumulator in shared memory per program: twice
+# BWD_MAX_PROGRAMS up to 8192 columns (4096x8192: 66.2 against 74.8 us warm), once past it.
+BWD_WIDE_MORE_PROGRAMS_COLS = 8192
 # JAX 0.11 moved ``load``'s index into the ref (``ref.at[...]``) and warns on the old form.
 _INDEX_ARG = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
 
@@ -89,23 +105,41 @@ def rows_per_program(n: int, elems: int = ELEMS_PER_THREAD) -> int:
     return rows
 
 
-def _fits(m: int, n: int, rows: int, dtypes) -> bool:
-    """N whole vector tiles of an R-row block (4 // R warps of 32 lanes per row), M >= R."""
-    if UNAVAILABLE is not None:
-        return False
-    tile = (4 // rows) * 32 * vector_len(*dtypes)
-    return n % tile == 0 and n <= MAX_COLS and m >= rows
+def _tile(rows: int, dtypes) -> int:
+    """Columns of one vector tile of an R-row block: 4 // R warps of 32 lanes per row."""
+    return (4 // rows) * 32 * vector_len(*dtypes)
+
+
+def _fits(m: int, n: int, rows: int, dtypes, max_cols: int) -> bool:
+    """N whole vector tiles of an R-row block, at most max_cols, M >= R."""
+    return UNAVAILABLE is None and n % _tile(rows, dtypes) == 0 and n <= max_cols and m >= rows
+
+
+def wide(n: int) -> bool:
+    """Whether an N-column forward runs the two-walk kernel."""
+    return n > MAX_COLS
+
+
+def wide_bwd(n: int) -> bool:
+    """Whether an N-column backward runs the two-walk kernel."""
+    return n > BWD_MAX_COLS
 
 
 def supported(m: int, n: int, *dtypes) -> bool:
     """Whether these kernels serve an (M, N) forward with inputs/outputs of ``dtypes``."""
-    return _fits(m, n, rows_per_program(n), dtypes)
+    if wide(n):
+        return WIDE_CHUNK % _tile(WIDE_ROWS, dtypes) == 0 and _fits(
+            m, n, WIDE_ROWS, dtypes, WIDE_MAX_COLS
+        )
+    return _fits(m, n, rows_per_program(n), dtypes, MAX_COLS)
 
 
 def supported_bwd(m: int, n: int, *dtypes) -> bool:
     """Whether these kernels serve an (M, N) backward with inputs/outputs of ``dtypes``
     (its rows span the four warps: N a multiple of 128 vectors)."""
-    return n <= BWD_MAX_COLS and _fits(m, n, 1, dtypes)
+    if wide_bwd(n):
+        return BWD_CHUNK % _tile(1, dtypes) == 0 and _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
+    return _fits(m, n, 1, dtypes, BWD_MAX_COLS)
 
 
 def _rows_layout(rows: int, n: int, vec: int):
@@ -144,7 +178,7 @@ def _broadcast(value, shape, dims, layout):
 
 
 def _weight(w_ref, rows, n, vec, weight_offset):
-    """The weight (+ offset) in fp32, broadcast over a block of rows."""
+    """The weight (+ offset) in fp32, broadcast over a block of rows (w_ref: N elements)."""
     w = _load(w_ref, _weight_layout(rows, n, vec)).astype(F32)
     if weight_offset:
         w = w + weight_offset
@@ -158,11 +192,13 @@ def _load(ref, layout):
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
-def _launch(kernel, name: str, out_shape, programs: int, grid_name: str):
-    """kernel as a one-warpgroup-per-program Mosaic GPU call over a 1-D grid, named name."""
+def _launch(kernel, name: str, out_shape, programs: int, grid_name: str, scratch=()):
+    """kernel as a one-warpgroup-per-program Mosaic GPU call over a 1-D grid, named name,
+    with scratch (shared memory refs, after the outputs)."""
     return plgpu.kernel(
         _named(kernel, name),
         out_type=out_shape,
+        scratch_types=scratch,
         grid=(programs,),
         grid_names=(grid_name,),
         compiler_params=_compiler_params(),
@@ -194,13 +230,9 @@ def _fwd_kernel(
     store_h,
     store_rstd,
 ):
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    res_ref = refs.pop(0) if has_residual else None
-    w_ref = refs.pop(0) if has_weight else None
-    y_ref = refs.pop(0)
-    h_ref = refs.pop(0) if store_h else None
-    rstd_ref = refs.pop(0) if store_rstd else None
+    x_ref, res_ref, w_ref, y_ref, h_ref, rstd_ref = fwd_refs(
+        refs, has_residual, has_weight, store_h, store_rstd
+    )
 
     layout = _rows_layout(rows, n, vec)
     at = pl.ds(jnp.minimum(lax.axis_index("rows") * rows, m - rows), rows)
@@ -252,10 +284,13 @@ def rmsnorm_fwd(
     dtypes = [a.dtype for a in inputs] + [out_dtype] + ([round_dtype] if has_residual else [])
     if not supported(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU forward does not serve {(m, n)} with dtypes {dtypes}")
-    rows = rows_per_program(n)
+    rows, body, extra = rows_per_program(n), _fwd_kernel, {}
+    if wide(n):
+        rows, body, extra = WIDE_ROWS, _fwd_wide_kernel, {"chunk": WIDE_CHUNK}
     out_shape = fwd_out_shape(m, n, out_dtype, round_dtype, store_h, store_rstd)
     kernel = functools.partial(
-        _fwd_kernel,
+        body,
+        **extra,
         m=m,
         n=n,
         rows=rows,
@@ -291,12 +326,18 @@ def _bwd_load(refs, r, layout):
 def _bwd_row(refs, r, loaded, w, acc, *, n, layout, has_dh, store_dres):
     """Row r of the backward from its loaded x, dy, rstd: dx (and dres) stored; acc + dy *
     xhat returned (acc None: no weight)."""
-    _, _, _, _, dh_ref, dx_ref, dres_ref, _ = refs
-    at = pl.ds(r, 1)
     x, dy = (a.astype(F32) for a in loaded[:2])
     rstd = _broadcast(loaded[2], (1, n), (0,), layout)
     g = dy if w is None else dy * w
     mean_gx = _broadcast(jnp.sum(g * x, axis=1) / n, (1, n), (0,), layout) * rstd
+    xhat = _store_dx(refs, pl.ds(r, 1), x, g, rstd, mean_gx, layout, has_dh, store_dres)
+    return None if acc is None else acc + dy * xhat
+
+
+def _store_dx(refs, at, x, g, rstd, mean_gx, layout, has_dh, store_dres):
+    """dx = rstd * (g - xhat * mean_gx) (+ dh) stored at rows ``at`` (and dres); xhat
+    returned. mean_gx is mean(g * x) * rstd, both broadcast over the block."""
+    _, _, _, _, dh_ref, dx_ref, dres_ref, _ = refs
     xhat = x * rstd
     dx = rstd * (g - xhat * mean_gx)
     if has_dh:
@@ -304,7 +345,7 @@ def _bwd_row(refs, r, loaded, w, acc, *, n, layout, has_dh, store_dres):
     dx_ref[at] = dx.astype(dx_ref.dtype)
     if store_dres:
         dres_ref[at] = dx.astype(dres_ref.dtype)
-    return None if acc is None else acc + dy * xhat
+    return xhat
 
 
 def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_args):
@@ -336,7 +377,8 @@ def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_arg
 
 def bwd_programs(m: int, n: int) -> int:
     """G, the backward's programs (and dweight partial rows)."""
-    cap = BWD_MAX_PROGRAMS * (2 if n <= BWD_NARROW_COLS else 1)
+    twice = n <= BWD_NARROW_COLS or (wide_bwd(n) and n <= BWD_WIDE_MORE_PROGRAMS_COLS)
+    cap = BWD_MAX_PROGRAMS * (2 if twice else 1)
     return max(1, min(m, cap))
 
 
@@ -360,8 +402,18 @@ def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres
     out_shape = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
     out_shape += [jax.ShapeDtypeStruct((m, n), dres_dtype)] if store_dres else []
     out_shape += [jax.ShapeDtypeStruct((programs, n), F32)] if has_weight else []
+    body, extra, scratch, view = _bwd_kernel, {}, (), (m, n)
+    if wide_bwd(n):
+        chunk = bwd_chunk(n, *dtypes)
+        body, extra, view = _bwd_wide_kernel, {"chunk": chunk}, (m * n // chunk, chunk)
+        scratch = (plgpu.SMEM((n // chunk, chunk), F32),) if has_weight else ()
+        inputs = [a if a.shape != (m, n) else a.reshape(view) for a in inputs]
+        out_shape = [
+            jax.ShapeDtypeStruct((s.shape[0] * n // chunk, chunk), s.dtype) for s in out_shape
+        ]
     kernel = functools.partial(
-        _bwd_kernel,
+        body,
+        **extra,
         m=m,
         n=n,
         vec=vector_len(*dtypes),
@@ -371,19 +423,154 @@ def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres
         has_dh=has_dh,
         store_dres=store_dres,
     )
-    outs = list(_launch(kernel, "rmsnorm_bwd_mgpu", out_shape, programs, "programs")(*inputs))
-    dweight = jnp.sum(outs.pop(), axis=0).astype(weight.dtype) if has_weight else None
+    launch = _launch(kernel, "rmsnorm_bwd_mgpu", out_shape, programs, "programs", scratch)
+    outs = list(launch(*inputs))
+    if has_weight:
+        dweight = jnp.sum(outs.pop().reshape(programs, n), axis=0).astype(weight.dtype)
+    else:
+        dweight = None
+    outs = [o.reshape(m, n) for o in outs]
     return outs[0], (outs[1] if store_dres else None), dweight
+
+
+# ------------------------------------------------------------------ rows past MAX_COLS
+#
+# Rows wider than a program's registers are walked in column chunks, twice: the first walk
+# sums the row's squares (or g * x), the second reloads each chunk (from L1 or L2, just read)
+# and writes it. The backward's dweight accumulator (one fp32 row) lives in shared memory,
+# each thread adding to the elements it alone owns.
+
+
+def col_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[(start, size)] covering N in chunk-wide pieces, the last one possibly narrower."""
+    return [(c, min(chunk, n - c)) for c in range(0, n, chunk)]
+
+
+def _row_sum(parts):
+    """The per-row sum of (rows, size) fp32 pieces: same-size pieces added elementwise
+    first, so the cross-lane reduction runs once per size."""
+    by_size = {}
+    for p in parts:
+        by_size[p.shape[1]] = p if p.shape[1] not in by_size else by_size[p.shape[1]] + p
+    sums = [jnp.sum(p, axis=1) for p in by_size.values()]
+    return functools.reduce(jnp.add, sums)
+
+
+def _fwd_wide_kernel(*refs, m, n, rows, chunk, vec, eps, weight_offset, llama, round_dtype,
+                     has_residual, has_weight, store_h, store_rstd):  # fmt: skip
+    """Forward program over R rows in two walks over the column chunks (_fwd_kernel's
+    arguments, plus chunk)."""
+    x_ref, res_ref, w_ref, y_ref, h_ref, rstd_ref = fwd_refs(
+        refs, has_residual, has_weight, store_h, store_rstd
+    )
+
+    layout = _rows_layout(rows, chunk, vec)
+    at = pl.ds(jnp.minimum(lax.axis_index("rows") * rows, m - rows), rows)
+
+    def h_of(c, size, store):
+        # the second walk adds x + residual again (same bits) rather than reading back h
+        x = _load(x_ref.at[at, pl.ds(c, size)], layout)
+        if has_residual:
+            r = _load(res_ref.at[at, pl.ds(c, size)], layout)
+            x = (x.astype(F32) + r.astype(F32)).astype(round_dtype)
+            if store:
+                h_ref[at, pl.ds(c, size)] = x
+        return x.astype(F32)
+
+    chunks = col_chunks(n, chunk)
+    squares = []
+    for c, size in chunks:
+        x = h_of(c, size, store_h)
+        squares.append(x * x)
+    rstd = lax.rsqrt(_row_sum(squares) / n + eps)
+    if store_rstd:
+        rstd_ref[at] = rstd
+    for c, size in chunks:
+        x = h_of(c, size, False)
+        r = _broadcast(rstd, (rows, size), (0,), layout)
+        if has_weight:
+            w = _weight(w_ref.at[pl.ds(c, size)], rows, size, vec, weight_offset)
+            y = (x * r).astype(round_dtype).astype(F32) * w if llama else x * (r * w)
+        else:
+            y = x * r
+        y_ref[at, pl.ds(c, size)] = y.astype(y_ref.dtype)
+
+
+def bwd_chunk(n: int, *dtypes) -> int:
+    """The wide backward's chunk: the widest multiple of a row's vector tile that divides N
+    and is at most BWD_CHUNK."""
+    tile = _tile(1, dtypes)
+    return max(c for c in range(tile, min(n, BWD_CHUNK) + 1, tile) if n % c == 0)
+
+
+def _bwd_wide_kernel(*refs, m, n, chunk, vec, programs, weight_offset, has_weight, has_dh,
+                     store_dres):  # fmt: skip
+    """Backward program pid over rows pid, pid + G, ...: per row, a walk over the column
+    chunks for sum(g * x), a second for dx and dweight's dy * xhat (added into the program's
+    fp32 accumulator row in shared memory, copied to row pid of the partials at the end).
+
+    The (M, N) arrays come as (M * Q, C) (Q = N / C chunks of C columns: a chunk is one whole
+    row of that view, which Mosaic GPU loads as one contiguous block), the partials as
+    (G * Q, C) and the accumulator as (Q, C)."""
+    refs = list(refs)
+    acc_ref = refs.pop() if has_weight else None
+    refs = bwd_refs(refs, has_weight, has_dh, store_dres, has_weight)
+    dy_ref, x_ref, rstd_ref, w_ref, dwp_ref = refs[0], refs[1], refs[2], refs[3], refs[7]
+    layout = _rows_layout(1, chunk, vec)
+    pid = lax.axis_index("programs")
+    q = n // chunk
+
+    if has_weight:
+        for j in range(q):
+            acc_ref[pl.ds(j, 1)] = plgpu.layout_cast(
+                jnp.zeros((1, chunk), F32), _as_pallas_layout(layout)
+            )
+
+    def loaded(r, j):
+        at = pl.ds(r * q + j, 1)
+        x = _load(x_ref.at[at], layout).astype(F32)
+        dy = _load(dy_ref.at[at], layout).astype(F32)
+        if has_weight:
+            w = _weight(w_ref.at[pl.ds(j * chunk, chunk)], 1, chunk, vec, weight_offset)
+            return x, dy, dy * w
+        return x, dy, dy
+
+    def row(i, carry):
+        r = pid + i * programs
+        rstd = _load(rstd_ref.at[pl.ds(r, 1)], layout.reduce((1,)))
+        gx = None
+        for j in range(q):
+            x, _, g = loaded(r, j)
+            gx = g * x if gx is None else gx + g * x
+        rstd = _broadcast(rstd, (1, chunk), (0,), layout)
+        mean_gx = _broadcast(jnp.sum(gx, axis=1) / n, (1, chunk), (0,), layout) * rstd
+        for j in range(q):
+            x, dy, g = loaded(r, j)
+            at = pl.ds(r * q + j, 1)
+            xhat = _store_dx(refs, at, x, g, rstd, mean_gx, layout, has_dh, store_dres)
+            if has_weight:
+                acc_ref[pl.ds(j, 1)] = _load(acc_ref.at[pl.ds(j, 1)], layout) + dy * xhat
+        return carry
+
+    lax.fori_loop(0, (m - pid + programs - 1) // programs, row, 0)
+    if has_weight:
+        for j in range(q):
+            dwp_ref[pl.ds(pid * q + j, 1)] = _load(acc_ref.at[pl.ds(j, 1)], layout)
 
 
 __all__ = [
     "BWD_MAX_COLS",
     "MAX_COLS",
+    "WIDE_MAX_COLS",
     "UNAVAILABLE",
+    "bwd_chunk",
     "bwd_programs",
+    "col_chunks",
     "rmsnorm_bwd",
     "rmsnorm_fwd",
     "rows_per_program",
     "supported",
     "supported_bwd",
+    "wide",
+    "wide_bwd",
 ]

@@ -23,8 +23,10 @@ from tests.jax.helpers import (
 
 pytestmark = pytest.mark.gpu
 
-# Ragged row counts (the last program starts early), 4 and 2 rows per program.
+# Ragged row counts (the last program starts early), 4 and 2 rows per program; rows past
+# MAX_COLS in column chunks (16896: four chunks and a narrower last one).
 SHAPES = [(2048, 4096), (8195, 4096), (4096, 5120), (1027, 8192), (4097, 3584), (4, 256)]
+SHAPES += [(1027, 12288), (33, 16896)]
 DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
 
 
@@ -85,8 +87,10 @@ def test_fused(shape):
         assert_output_close(y, ref)
 
 
-# Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns.
+# Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns;
+# past BWD_MAX_COLS in column chunks (7168 and 9216: 1024-column chunks).
 BWD_SHAPES = [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
+BWD_SHAPES += [(1027, 7168), (300, 16384), (3, 9216)]
 
 
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "auto"])

@@ -32,11 +32,44 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
         ((2, 8192, [BF16], True)),  # two rows per program
         ((4096, 4352, [BF16], False)),  # two rows per program: N not whole 512-column tiles
         ((1, 8192, [BF16], False)),
-        ((64, 16384, [BF16], False)),  # past MAX_COLS
+        ((64, 16384, [BF16], True)),  # past MAX_COLS: column chunks
+        ((64, 16896, [BF16], True)),  # the last chunk narrower
+        ((64, 16640, [BF16], False)),  # not whole 512-column tiles
+        ((1, 16384, [BF16], False)),  # fewer rows than one program's
+        ((64, 16 * 4096 + 512, [BF16], False)),  # past WIDE_MAX_COLS
     ],
 )
 def test_supported_shapes(m, n, dtypes, served):
     assert kernels_mgpu.supported(m, n, *dtypes) is served
+
+
+@pytest.mark.parametrize(
+    "m, n, dtypes, served",
+    [
+        ((3, 5120, [BF16], True)),
+        ((3, 7168, [BF16], True)),  # past BWD_MAX_COLS: column chunks
+        ((3, 6656, [BF16], False)),  # not whole 1024-column tiles
+        ((3, 6656, [F32], True)),  # fp32 tiles: 512 columns
+        ((1, 16384, [BF16], True)),
+        ((1, 16 * 4096 + 1024, [BF16], False)),  # past WIDE_MAX_COLS
+    ],
+)
+def test_supported_backward_shapes(m, n, dtypes, served):
+    assert kernels_mgpu.supported_bwd(m, n, *dtypes) is served
+
+
+def test_column_chunks_cover_the_row():
+    assert kernels_mgpu.col_chunks(16896, 4096) == [
+        (0, 4096), (4096, 4096), (8192, 4096), (12288, 4096), (16384, 512)
+    ]  # fmt: skip
+    assert kernels_mgpu.col_chunks(8192, 4096) == [(0, 4096), (4096, 4096)]
+    # the backward's chunk divides N: the widest multiple of its 1024-column (bf16) or
+    # 512-column (fp32) tile up to 4096
+    assert kernels_mgpu.bwd_chunk(16384, BF16) == 4096
+    assert kernels_mgpu.bwd_chunk(7168, BF16) == 1024
+    assert kernels_mgpu.bwd_chunk(9216, BF16) == 3072
+    assert kernels_mgpu.bwd_chunk(6656, F32) == 512
+    assert kernels_mgpu.bwd_chunk(6144, F32) == 3072
 
 
 def test_rows_per_program_keeps_a_threads_share():
@@ -80,7 +113,9 @@ def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected
         ("auto", 8192, 4096, False, kernels),  # before Hopper
         ("auto", 8192, 3584, True, kernels),  # not served: not a multiple of 1024
         ("mosaic_gpu", 256, 1024, False, kernels_mgpu),
-        ("mosaic_gpu", 4096, 7168, True, kernels),  # past BWD_MAX_COLS
+        ("mosaic_gpu", 4096, 7168, True, kernels_mgpu),  # past BWD_MAX_COLS: column chunks
+        ("mosaic_gpu", 4096, 6656, True, kernels),  # not served: not a multiple of 1024
+        ("auto", 4096, 16384, True, kernels),  # column chunks: Triton was faster
         ("triton", 8192, 4096, True, kernels),
         ("reference", 8192, 4096, True, kernels),
     ],
@@ -102,7 +137,8 @@ def _lower(f, *args):
 
 CASES = list(
     itertools.product(
-        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584)],  # ragged rows; 4 and 2 rows
+        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584), (3, 16896)],  # ragged rows; 4 and 2
+        # rows; column chunks
         [BF16, F32],
         [None, "same", F32],  # residual
         [None, BF16],  # weight
@@ -135,7 +171,8 @@ def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
 
 BWD_CASES = list(
     itertools.product(
-        [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584)],  # G > M at 3 rows
+        [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584), (5, 7168), (64, 16384)],
+        # G > M at 3 rows; column chunks past BWD_MAX_COLS
         [BF16, F32],
         [None, BF16],  # weight
         [False, True],  # dh (fused)
@@ -155,7 +192,6 @@ def test_every_backward_variant_lowers_for_cuda(shape, dtype, weight, dh, dres):
     if not kernels_mgpu.supported_bwd(m, n, *dtypes, *([dres] if dres else [])):
         assert n % (128 * kernels_mgpu.vector_len(*dtypes)) != 0
         pytest.skip("not served: N is not a multiple of 128 vectors")
-    assert n <= kernels_mgpu.BWD_MAX_COLS
 
     def f(dy, x, rstd, w, dh):
         return kernels_mgpu.rmsnorm_bwd(
