@@ -3,8 +3,9 @@
 ``ACCEL_JAX_BACKEND`` (read when a call is traced), or ``use_backend(choice)`` around the
 tracing, which wins over the variable:
 - ``auto`` (default): Mosaic GPU for the fused residual forward on compute capability 9.0+
-  from ``MGPU_FUSED_MIN_ROWS`` rows, and the Mosaic GPU backward for ``MGPU_BWD_COLS``
-  columns from ``MGPU_BWD_MIN_ELEMS`` elements, where each measured faster on the H200
+  from ``MGPU_FUSED_MIN_ROWS`` rows of at most ``kernels_mgpu.MAX_COLS`` columns, and the
+  Mosaic GPU backward for ``MGPU_BWD_COLS`` columns from ``MGPU_BWD_MIN_ELEMS`` elements,
+  where each measured faster on the H200
   (bench/NOTES.md); the Triton-lowered kernels for everything else;
 - ``triton``: the Triton-lowered kernels only;
 - ``mosaic_gpu``: Mosaic GPU for every forward and backward it serves
@@ -122,7 +123,8 @@ def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
         return kernels
     if choice == "mosaic_gpu":
         return kernels_mgpu
-    if fused and m >= MGPU_FUSED_MIN_ROWS and hopper_or_newer():
+    # the two-walk kernels of rows past MAX_COLS lost to the Triton-lowered ones (H200)
+    if fused and m >= MGPU_FUSED_MIN_ROWS and not kernels_mgpu.wide(n) and hopper_or_newer():
         return kernels_mgpu
     return kernels
 

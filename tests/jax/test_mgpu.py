@@ -102,6 +102,17 @@ def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected
     assert backends.forward_kernels(m, 1000, fused, [BF16], choice) is kernels
 
 
+@pytest.mark.parametrize("setting, expected", [("auto", kernels), ("mosaic_gpu", kernels_mgpu)])
+def test_rows_past_max_cols_run_mosaic_gpu_only_when_forced(monkeypatch, setting, expected):
+    """The two-walk kernels (measured slower on the H200) serve 16384 columns, but auto keeps
+    the Triton-lowered ones there, fused and plain, forward and backward."""
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
+    assert kernels_mgpu.supported(4096, 16384, BF16) and kernels_mgpu.wide(16384)
+    for fused in (False, True):
+        assert backends.forward_kernels(4096, 16384, fused, [BF16], setting) is expected
+    assert backends.backward_kernels(4096, 16384, [BF16], setting) is expected
+
+
 @pytest.mark.parametrize(
     "setting, m, n, hopper, expected",
     [
