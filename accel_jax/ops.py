@@ -9,8 +9,8 @@ Dispatch, decided when a call is traced:
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
 The reference math also serves float64 (computed in float64), shapes with symbolic
 dimensions (``jax.export``: the kernels need static shapes) and a JAX without the Pallas
-Triton backend (with one warning). Arrays of 2^32 bytes or more run the kernels on row
-chunks below that size (``accel_jax.sharding.row_chunks``).
+Triton backend (with one warning). Arrays of 2^32 bytes or more run the kernels in one
+launch, as smaller ones do.
 
 Every path goes through the same ``custom_vjp``: saved for backward are x (or h) and one fp32
 rstd per row; the backward is the kernels' formula (or its jnp twin on CPU). The forward

@@ -187,41 +187,6 @@ def _two_phase_fwd(cfg: Fwd, x, residual, weight, hidden):
     return y.astype(cfg.out_dtype), h, rstd
 
 
-# Arrays of 2^32 bytes or more would get 64-bit offsets in the Pallas Triton lowering (which
-# the kernels are not tested with; a crash once seen there may have been a captured constant
-# instead): blocks that large run the kernels on row chunks whose arrays stay below this.
-CHUNK_BYTES = 2**32
-
-
-def row_chunks(m: int, n: int, itemsize: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of an (M, N) kernel call whose (rows, N) arrays of
-    ``itemsize`` bytes per element stay below CHUNK_BYTES: [(0, M)] when the whole fits,
-    else as few near-equal ranges as the limit allows."""
-    per = max(1, (CHUNK_BYTES - 1) // (n * itemsize))
-    if m <= per:
-        return [(0, m)]
-    size = -(-m // -(-m // per))
-    return [(start, min(start + size, m)) for start in range(0, m, size)]
-
-
-def _widest(dtypes) -> int:
-    return max(jnp.dtype(d).itemsize for d in dtypes)
-
-
-def _rows(a, chunk):
-    """a's rows [start, stop) (a itself when that is all of them; None stays None)."""
-    if a is None or (chunk[0] == 0 and chunk[1] == a.shape[0]):
-        return a
-    return jax.lax.slice_in_dim(a, chunk[0], chunk[1])
-
-
-def _concat(parts):
-    """The chunks' outputs as one array (None when the kernels returned none)."""
-    if parts[0] is None:
-        return None
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
-
 def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
     """Forward of one device's block; returns (y, h or None, rstd (x.shape[:-1]) or None).
 
@@ -239,19 +204,13 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
         dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
         dtypes += [cfg.out_dtype, cfg.round_dtype]
 
-        def launch(x2, r2):
-            if cfg.mode == "interpret":
-                return kernels.rmsnorm_fwd(x2, r2, weight, interpret=True, **args)
+        if cfg.mode == "interpret":
+            y, h, rstd = kernels.rmsnorm_fwd(x2, r2, weight, interpret=True, **args)
+        else:
             choice = backends.from_mode(cfg.mode)
             chosen = backends.forward_kernels(x2.shape[0], n, r2 is not None, dtypes, choice)
             extra = {"interpret": False} if chosen is kernels else {}
-            return chosen.rmsnorm_fwd(x2, r2, weight, **args, **extra)
-
-        # the (M, N) arrays: x, residual, y and h (the weight is (N,))
-        rows_dtypes = [a.dtype for a in (x, residual) if a is not None]
-        chunks = row_chunks(x2.shape[0], n, _widest(rows_dtypes + [cfg.out_dtype, cfg.round_dtype]))
-        parts = [launch(*(_rows(a, c) for a in (x2, r2))) for c in chunks]
-        y, h, rstd = (_concat([p[i] for p in parts]) for i in range(3))
+            y, h, rstd = chosen.rmsnorm_fwd(x2, r2, weight, **args, **extra)
         y = y.reshape(x.shape)
         h = h.reshape(x.shape) if h is not None else None
         rstd = rstd.reshape(lead) if rstd is not None else None
@@ -289,7 +248,11 @@ def _rows_bwd(cfg: Bwd, dy, x, rstd, weight, dh, dw32: bool):
     dtypes = [a.dtype for a in (dy, x, w, dh) if a is not None] + [cfg.dx_dtype]
     dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
 
-    def launch(dy2, x2, rstd, dh2, w):
+    def two_d(dy, x, rstd, dh):
+        dy2, x2, dh2 = (a.reshape(-1, n) if a is not None else None for a in (dy, x, dh))
+        rstd = rstd.reshape(-1)
+        if cfg.mode == "reference":
+            return reference_bwd(dy2, x2, rstd, w, dh2, **args)
         if cfg.mode == "interpret":
             return kernels.rmsnorm_bwd(dy2, x2, rstd, w, dh2, interpret=True, **args)
         # vmapped (cfg.keep): the Triton-lowered kernels, which Pallas batches over a grid axis
@@ -297,25 +260,6 @@ def _rows_bwd(cfg: Bwd, dy, x, rstd, weight, dh, dw32: bool):
         chosen = backends.backward_kernels(x2.shape[0], n, dtypes, choice)
         extra = {"interpret": False} if chosen is kernels else {}
         return chosen.rmsnorm_bwd(dy2, x2, rstd, w, dh2, **args, **extra)
-
-    def two_d(dy, x, rstd, dh):
-        dy2, x2, dh2 = (a.reshape(-1, n) if a is not None else None for a in (dy, x, dh))
-        if cfg.mode == "reference":
-            return reference_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args)
-        # a vmapped call's kernel spans every mapped index: its chunks are that much smaller
-        rows_dtypes = [a.dtype for a in (dy2, x2, dh2) if a is not None] + [cfg.dx_dtype]
-        rows_dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
-        chunks = row_chunks(x2.shape[0], n, _widest(rows_dtypes) * math.prod(lead))
-        if len(chunks) == 1:
-            return launch(dy2, x2, rstd.reshape(-1), dh2, w)
-        # dweight per chunk in fp32, summed in chunk order, rounded once
-        w32 = w.astype(F32) if w is not None else None
-        parts = [
-            launch(*(_rows(a, c) for a in (dy2, x2, rstd.reshape(-1), dh2)), w32) for c in chunks
-        ]
-        dx, dres = (_concat([p[i] for p in parts]) for i in range(2))
-        dweight = functools.reduce(jnp.add, [p[2] for p in parts]) if w is not None else None
-        return dx, dres, (dweight.astype(w.dtype) if w is not None else None)
 
     if cfg.keep:
         # dweight per leading (vmapped) index: the 2-D backward mapped over those.

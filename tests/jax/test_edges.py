@@ -268,22 +268,20 @@ def test_without_the_pallas_triton_backend_one_warning_and_the_reference_math():
 
 
 @pytest.mark.parametrize(
-    "rows, x_dtype, residual_dtype, launches",
+    "rows, x_dtype, residual_dtype",
     [
-        (2**31 // 4096 - 1, jnp.bfloat16, None, 1),  # just under 2^32 bytes
-        (2**31 // 4096, jnp.bfloat16, None, 2),
-        (2**30 // 4096 - 1, jnp.float32, None, 1),
-        (2**30 // 4096, jnp.float32, None, 2),
-        (2**30 // 4096, jnp.bfloat16, jnp.float32, 2),  # h in fp32 reaches 2^32 bytes
-        (3 * 2**30 // 4096, jnp.float32, None, 4),
+        (2**31 // 4096 - 1, jnp.bfloat16, None),  # just under 2^32 bytes
+        (2**31 // 4096, jnp.bfloat16, None),
+        (2**30 // 4096, jnp.bfloat16, jnp.float32),  # h in fp32 reaches 2^32 bytes
+        (3 * 2**30 // 4096, jnp.float32, None),
     ],
 )
-def test_compiled_path_chunks_from_2_pow_32_bytes(
-    monkeypatch, rows, x_dtype, residual_dtype, launches
+def test_compiled_path_is_one_launch_at_and_past_2_pow_32_bytes(
+    monkeypatch, rows, x_dtype, residual_dtype
 ):
     """Where the compiled kernels would run (a GPU, simulated: only traced, never lowered),
-    arrays of x's shape of 2^32 bytes or more take one kernel launch per row chunk below
-    that size; the (N,) fp32 weight does not count."""
+    arrays of 2^32 bytes or more take the kernels in one launch, as smaller ones do (their
+    64-bit offsets measured right on the H200, bench/NOTES.md), never the reference math."""
     from accel_jax import ops
 
     monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
@@ -297,4 +295,4 @@ def test_compiled_path_chunks_from_2_pow_32_bytes(
                 x, x, w, residual_dtype=residual_dtype, interpret=False
             )
         )(x, w)
-    assert str(jaxpr).count("pallas_call") == launches
+    assert str(jaxpr).count("pallas_call") == 1

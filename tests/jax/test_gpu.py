@@ -165,12 +165,12 @@ def test_flax_modules_on_gpu():
 
 @pytest.mark.parametrize(
     "n, elements",
-    [(4096, 2**31 - 4096), (32768, 2**31 - 32768), (4096, 2**31 + 32768)],
-    ids=["single-block-below-limit", "looped-below-limit", "above-limit"],
+    [(4096, 2**31 - 4096), (32768, 2**31 - 32768), (4096, 2**31 + 32768), (4096, 2**32 + 32768)],
+    ids=["single-block-below-limit", "looped-below-limit", "above-limit", "above-2-pow-32"],
 )
 def test_near_and_past_2_pow_31_elements(n, elements):
-    """bf16 arrays just under 2^32 bytes (one kernel call, 32-bit offsets near their limit)
-    and past it (the kernels on row chunks), forward and backward: the first, middle and last rows
+    """bf16 arrays just under 2^32 bytes, past it and past 2^32 elements (one kernel call
+    each, offsets past 32 bits), forward and backward: the first, middle and last rows
     against float64. x and dy repeat a few random rows (period K), so dweight's float64
     reference is K rows weighted by their counts."""
     m = elements // n
