@@ -294,3 +294,23 @@ def test_forcing_mosaic_gpu_before_hopper_is_an_error(monkeypatch):
         jax.jit(accel_jax.rmsnorm).trace(x, w)
     with accel_jax.use_backend("triton"):  # the other backends trace there
         jax.jit(accel_jax.rmsnorm).trace(x, w)
+
+
+@pytest.mark.parametrize("setting, mosaic", [("mosaic_gpu", 2), ("auto", 0), ("triton", 0)])
+def test_training_step_past_max_cols_through_the_public_op(monkeypatch, setting, mosaic):
+    """4096x16384, fused forward and backward as a training step lowers them for CUDA: forced
+    Mosaic GPU runs its two-walk kernels (one launch each), auto the Triton-lowered ones."""
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "_STATE", {"interpret": False})
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
+    x = jax.ShapeDtypeStruct((4096, 16384), BF16)
+    w = jax.ShapeDtypeStruct((16384,), BF16)
+
+    def step(x, r, w):
+        loss = lambda *a: jnp.sum(accel_jax.rmsnorm_residual_fused(*a).astype(F32))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(x, r, w)
+
+    with accel_jax.use_backend(setting):
+        text = jax.jit(step).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic
+    assert (text.count("__gpu$xla.gpu.triton") > 0) == (mosaic == 0)
