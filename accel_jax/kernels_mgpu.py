@@ -69,17 +69,19 @@ BWD_NARROW_COLS = 2048
 # Wider rows spill the backward's registers (H200, 4096x7168: 74.0 us against Triton's 54.1).
 BWD_MAX_COLS = 5120
 # Rows past MAX_COLS (forward) or BWD_MAX_COLS (backward) run the two-walk kernels, in column
-# chunks of these many elements (R rows of WIDE_CHUNK per forward program; the backward's rows
-# span the four warps), up to WIDE_MAX_COLS (the walks are unrolled). H200, 2048-4096 x
-# 8192-16384: 4096-column chunks the fastest of 1024-4096 in both, two rows per forward
-# program faster than four; both still 6-17% behind the Triton-lowered kernels there.
+# chunks of up to these many elements (R rows of WIDE_CHUNK per forward program; the
+# backward's rows span the four warps), up to WIDE_MAX_COLS (the walks are unrolled). H200
+# sweep (2048-4096 rows; still 2-17% behind the Triton-lowered kernels): the forward fastest
+# with two rows of 4096-column chunks at 8192-16384 columns; the backward with 2048-column
+# chunks and twice BWD_MAX_PROGRAMS up to BWD_WIDE_SMALL_COLS (4096x8192: 66.2 us warm, 4096-
+# column chunks 79.0, 264 programs 74.8), 4096-column chunks and BWD_MAX_PROGRAMS past it
+# (4096x16384: 152.9, 2048-column chunks 157.3, 528 programs 190.7).
 WIDE_ROWS = 2
 WIDE_CHUNK = 4096
 BWD_CHUNK = 4096
+BWD_SMALL_CHUNK = 2048
+BWD_WIDE_SMALL_COLS = 8192
 WIDE_MAX_COLS = 16 * WIDE_CHUNK
-# The wide backward keeps an N-element fp32 accumulator in shared memory per program: twice
-# BWD_MAX_PROGRAMS up to 8192 columns (4096x8192: 66.2 against 74.8 us warm), once past it.
-BWD_WIDE_MORE_PROGRAMS_COLS = 8192
 # JAX 0.11 moved ``load``'s index into the ref (``ref.at[...]``) and warns on the old form.
 _INDEX_ARG = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
 
@@ -377,7 +379,7 @@ def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_arg
 
 def bwd_programs(m: int, n: int) -> int:
     """G, the backward's programs (and dweight partial rows)."""
-    twice = n <= BWD_NARROW_COLS or (wide_bwd(n) and n <= BWD_WIDE_MORE_PROGRAMS_COLS)
+    twice = n <= BWD_NARROW_COLS or (wide_bwd(n) and n <= BWD_WIDE_SMALL_COLS)
     cap = BWD_MAX_PROGRAMS * (2 if twice else 1)
     return max(1, min(m, cap))
 
@@ -498,9 +500,10 @@ def _fwd_wide_kernel(*refs, m, n, rows, chunk, vec, eps, weight_offset, llama, r
 
 def bwd_chunk(n: int, *dtypes) -> int:
     """The wide backward's chunk: the widest multiple of a row's vector tile that divides N
-    and is at most BWD_CHUNK."""
+    and is at most BWD_SMALL_CHUNK (N up to BWD_WIDE_SMALL_COLS) or BWD_CHUNK."""
     tile = _tile(1, dtypes)
-    return max(c for c in range(tile, min(n, BWD_CHUNK) + 1, tile) if n % c == 0)
+    most = BWD_SMALL_CHUNK if n <= BWD_WIDE_SMALL_COLS else BWD_CHUNK
+    return max(c for c in range(tile, min(n, most) + 1, tile) if n % c == 0)
 
 
 def _bwd_wide_kernel(*refs, m, n, chunk, vec, programs, weight_offset, has_weight, has_dh,

@@ -64,12 +64,16 @@ def test_column_chunks_cover_the_row():
     ]  # fmt: skip
     assert kernels_mgpu.col_chunks(8192, 4096) == [(0, 4096), (4096, 4096)]
     # the backward's chunk divides N: the widest multiple of its 1024-column (bf16) or
-    # 512-column (fp32) tile up to 4096
+    # 512-column (fp32) tile up to 2048 (N <= 8192) or 4096
     assert kernels_mgpu.bwd_chunk(16384, BF16) == 4096
-    assert kernels_mgpu.bwd_chunk(7168, BF16) == 1024
     assert kernels_mgpu.bwd_chunk(9216, BF16) == 3072
+    assert kernels_mgpu.bwd_chunk(8192, BF16) == 2048
+    assert kernels_mgpu.bwd_chunk(7168, BF16) == 1024
     assert kernels_mgpu.bwd_chunk(6656, F32) == 512
-    assert kernels_mgpu.bwd_chunk(6144, F32) == 3072
+    assert kernels_mgpu.bwd_chunk(6144, F32) == 2048
+    # and its programs: twice as many up to 8192 columns
+    assert kernels_mgpu.bwd_programs(4096, 8192) == 2 * kernels_mgpu.BWD_MAX_PROGRAMS
+    assert kernels_mgpu.bwd_programs(4096, 9216) == kernels_mgpu.BWD_MAX_PROGRAMS
 
 
 def test_rows_per_program_keeps_a_threads_share():
