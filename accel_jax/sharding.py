@@ -198,19 +198,18 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
         y, h, rstd = reference_fwd(x, residual, weight, need_h=cfg.need_h, **fwd_args(cfg))
     else:
         n, lead = x.shape[-1], x.shape[:-1]
-        x2 = x.reshape(-1, n)
         r2 = residual.reshape(-1, n) if residual is not None else None
         args = dict(store_h=cfg.need_h, store_rstd=cfg.save, **fwd_args(cfg))
-        dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
-        dtypes += [cfg.out_dtype, cfg.round_dtype]
-
         if cfg.mode == "interpret":
-            y, h, rstd = kernels.rmsnorm_fwd(x2, r2, weight, interpret=True, **args)
+            y, h, rstd = kernels.rmsnorm_fwd(x.reshape(-1, n), r2, weight, interpret=True, **args)
         else:
+            dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
+            dtypes += [cfg.out_dtype, cfg.round_dtype]
+            fused = residual is not None
             choice = backends.from_mode(cfg.mode)
-            chosen = backends.forward_kernels(x2.shape[0], n, r2 is not None, dtypes, choice)
+            chosen = backends.forward_kernels(math.prod(lead), n, fused, dtypes, choice)
             extra = {"interpret": False} if chosen is kernels else {}
-            y, h, rstd = chosen.rmsnorm_fwd(x2, r2, weight, **args, **extra)
+            y, h, rstd = chosen.rmsnorm_fwd(x.reshape(-1, n), r2, weight, **args, **extra)
         y = y.reshape(x.shape)
         h = h.reshape(x.shape) if h is not None else None
         rstd = rstd.reshape(lead) if rstd is not None else None
@@ -244,23 +243,23 @@ def _rows_bwd(cfg: Bwd, dy, x, rstd, weight, dh, dw32: bool):
     w = weight.astype(F32) if (weight is not None and dw32) else weight
     args = dict(weight_offset=cfg.weight_offset, dx_dtype=cfg.dx_dtype, dres_dtype=cfg.dres_dtype)
     n = x.shape[-1]
-    lead = x.shape[: cfg.keep]
-    dtypes = [a.dtype for a in (dy, x, w, dh) if a is not None] + [cfg.dx_dtype]
-    dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
 
     def two_d(dy, x, rstd, dh):
-        dy2, x2, dh2 = (a.reshape(-1, n) if a is not None else None for a in (dy, x, dh))
-        rstd = rstd.reshape(-1)
+        flat = [a.reshape(-1, n) if a is not None else None for a in (dy, x, dh)]
+        dy2, x2, dh2 = flat
         if cfg.mode == "reference":
-            return reference_bwd(dy2, x2, rstd, w, dh2, **args)
+            return reference_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args)
         if cfg.mode == "interpret":
-            return kernels.rmsnorm_bwd(dy2, x2, rstd, w, dh2, interpret=True, **args)
+            return kernels.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, interpret=True, **args)
+        dtypes = [a.dtype for a in (dy2, x2, w, dh2) if a is not None] + [cfg.dx_dtype]
+        dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
         # vmapped (cfg.keep): the Triton-lowered kernels, which Pallas batches over a grid axis
         choice = backends.from_mode(cfg.mode) if not cfg.keep else "triton"
         chosen = backends.backward_kernels(x2.shape[0], n, dtypes, choice)
         extra = {"interpret": False} if chosen is kernels else {}
-        return chosen.rmsnorm_bwd(dy2, x2, rstd, w, dh2, **args, **extra)
+        return chosen.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args, **extra)
 
+    lead = x.shape[: cfg.keep]
     if cfg.keep:
         # dweight per leading (vmapped) index: the 2-D backward mapped over those.
         b = math.prod(lead)
