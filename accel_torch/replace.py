@@ -4,8 +4,10 @@ A module is swapped when its class is ``torch.nn.RMSNorm`` or when its ``forward
 methods it calls on ``self``) is, statement for statement, one of the RMSNorm formulas in
 ``_FORMULAS`` below: the spellings found across Hugging Face transformers (Llama's, OLMo 2's,
 Gemma's, T5's, ...), whatever the class is called. The comparison is on the parsed code with
-local names, docstrings, comments and annotations set aside, and with ``if`` tests on plain
-attributes (``self.with_scale``, ``self.group_size is not None``) decided by the instance.
+local names, docstrings, comments and annotations set aside, with ``if`` tests on plain
+attributes (``self.with_scale``, ``self.group_size is not None``) decided by the instance, and
+with eps read from either attribute name Hugging Face uses (``self.eps``,
+``self.variance_epsilon``).
 Anything else (gated norms, grouped norms, other roundings) is left alone and reported.
 """
 
@@ -32,10 +34,11 @@ class _Formula(NamedTuple):
     casting: str
     weight_offset: float
     weighted: bool
-    eps_attr: str
+    eps_attr: str = "eps"  # the attribute holding eps; set per spelling by _known_formulas
 
 
-# Each formula's code, as Hugging Face writes it (the first of several identical copies).
+# Each formula's code, as Hugging Face writes it (the first of several identical copies), with
+# eps spelled ``self.eps``: a copy spelling it ``self.variance_epsilon`` is the same formula.
 # Llama-style ("llama" casting): round(x * rstd) to x's dtype, then times the weight. When
 # the weight is in x's dtype (a model loaded or cast to one dtype) this is HF's output bit
 # for bit; an fp32 weight with bf16 activations makes HF's output fp32, ours its rounding.
@@ -46,13 +49,13 @@ def forward(self, hidden_states):
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
     return self.weight * hidden_states.to(input_dtype)
 """
 _T5 = """
 def forward(self, hidden_states):
     variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
     if self.weight.dtype in [torch.float16, torch.bfloat16]:
         hidden_states = hidden_states.to(self.weight.dtype)
     return self.weight * hidden_states
@@ -62,7 +65,7 @@ def forward(self, hidden_states):
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
     return (self.weight * hidden_states).to(input_dtype)
 """
 _HELIUM = """
@@ -70,7 +73,7 @@ def forward(self, hidden_states):
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
     return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
 """
 _NORM = """
@@ -152,22 +155,31 @@ def forward(self, hidden_states):
     return hidden_states.to(input_dtype)
 """
 
+_ERGO = """
+def forward(self, hidden_states):
+    output = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.eps)
+    return output.to(hidden_states.dtype)
+"""
+
 _FORMULAS = {
-    _LLAMA: _Formula("Llama", "llama", 0.0, True, "variance_epsilon"),
-    _T5: _Formula("T5", "llama", 0.0, True, "variance_epsilon"),
-    _LLAMA4: _Formula("Llama 4", "llama", 0.0, True, "eps"),
-    _OLMO2: _Formula("OLMo 2", "fp32", 0.0, True, "variance_epsilon"),
-    _HELIUM: _Formula("Helium", "fp32", 0.0, True, "variance_epsilon"),
-    _MOSHI: _Formula("Moshi", "fp32", 0.0, True, "eps"),
-    _GEMMA3N: _Formula("Gemma 3n", "fp32", 0.0, True, "eps"),
-    _GEMMA: _Formula("Gemma", "fp32", 1.0, True, "eps"),
-    _QWEN4_UNGROUPED: _Formula("Gemma", "fp32", 1.0, True, "eps"),
-    _UNWEIGHTED: _Formula("NanoChat", "fp32", 0.0, False, "eps"),
-    _GEMMA3N_UNWEIGHTED: _Formula("Gemma 3n", "fp32", 0.0, False, "eps"),
-    _INKLING2_UNWEIGHTED: _Formula("Inkling 2", "fp32", 0.0, False, "eps"),
+    _LLAMA: _Formula("Llama", "llama", 0.0, True),
+    _T5: _Formula("T5", "llama", 0.0, True),
+    _LLAMA4: _Formula("Llama 4", "llama", 0.0, True),
+    _OLMO2: _Formula("OLMo 2", "fp32", 0.0, True),
+    _HELIUM: _Formula("Helium", "fp32", 0.0, True),
+    _MOSHI: _Formula("Moshi", "fp32", 0.0, True),
+    _GEMMA3N: _Formula("Gemma 3n", "fp32", 0.0, True),
+    _GEMMA: _Formula("Gemma", "fp32", 1.0, True),
+    _QWEN4_UNGROUPED: _Formula("Gemma", "fp32", 1.0, True),
+    _UNWEIGHTED: _Formula("NanoChat", "fp32", 0.0, False),
+    _GEMMA3N_UNWEIGHTED: _Formula("Gemma 3n", "fp32", 0.0, False),
+    _INKLING2_UNWEIGHTED: _Formula("Inkling 2", "fp32", 0.0, False),
+    _ERGO: _Formula("Ergo", "fp32", 0.0, True),
 }
+_EPS_ATTRS = ("eps", "variance_epsilon")
 
 _NOT_A_FORMULA = "its forward is not one of the RMSNorm formulas accel_torch reproduces"
+_A_BLOCK = "it holds submodules (a block, not a norm): the RMSNorms inside it are swapped"
 
 
 # ---- canonical form of a forward: parsed code, names and annotations set aside ----
@@ -290,7 +302,11 @@ def _parse(source: str):
 
 @functools.cache
 def _known_formulas():
-    return {_canonical(_parse(src)): formula for src, formula in _FORMULAS.items()}
+    return {
+        _canonical(_parse(src.replace("self.eps", f"self.{attr}"))): formula._replace(eps_attr=attr)
+        for src, formula in _FORMULAS.items()
+        for attr in _EPS_ATTRS
+    }
 
 
 @functools.cache
@@ -430,7 +446,8 @@ def _replacement(module):
         new = TritonRMSNorm(shape[0], eps, elementwise_affine=affine)
         return _with_weight(new, module.weight), "torch.nn.RMSNorm, casting='fp32'"
     if next(module.children(), None) is not None:
-        return None, None  # a norm has no submodules; a block holding one is searched instead
+        # A norm has no submodules: this is a block, searched instead (its norms swapped).
+        return None, _A_BLOCK if "RMSNorm" in type(module).__name__ else None
     formula = _formula_of(module)
     if formula is None:
         return None, _NOT_A_FORMULA if "RMSNorm" in type(module).__name__ else None
@@ -491,7 +508,7 @@ def replace_rmsnorm(model: nn.Module, verbose: bool = False) -> RMSNormReplaceme
     Swapped: ``torch.nn.RMSNorm`` over one dimension (``casting="fp32"``), and any module
     whose forward is one of the Hugging Face RMSNorm formulas (see the module docstring):
     Llama-style (``casting="llama"``; Llama, Mistral, Qwen, DeepSeek, Granite, GLM, T5, ...),
-    fp32 style (OLMo 2/3, Helium, Gemma 3n, ...), Gemma-style ``1 + weight``
+    fp32 style (OLMo 2/3, Helium, Gemma 3n, ``F.rms_norm`` in fp32, ...), Gemma-style ``1 + weight``
     (``weight_offset=1.0``; Gemma 1-3, VaultGemma, Qwen3-Next, T5Gemma, ...), and weightless
     ones (:class:`UnweightedRMSNorm`). Their outputs are the same as before, bit for bit
     where the weight is in the activations' dtype, except that fp32-style ones may differ by

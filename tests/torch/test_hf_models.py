@@ -6,6 +6,7 @@ swapped modules run accel_torch's fallback math, the kernels' numerics in torch 
 import copy
 import glob
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -43,6 +44,7 @@ LEFT_ALONE = {
     "BambaRMSNormGated": _GROUPED,
     "GraniteMoeHybridRMSNormGated": _GROUPED,
     "MambaRMSNormGated": _GROUPED,
+    "Mamba2RMSNormGated": _GROUPED,
     "NemotronHRMSNormGated": _GROUPED,
     "Zamba2RMSNormGated": _GROUPED,
     "FalconH1RMSNormGated": "normalizes n_groups groups, and multiplies by silu(gate)",
@@ -52,6 +54,7 @@ LEFT_ALONE = {
     "HYV4VLUnweightedRMSNorm": "returns rstd itself, not x * rstd",
     "MuseSparkTextCenteredRMSNorm": "rounds 1 + weight to the weight's dtype",
     "MuseSparkTextInputScaledRMSNorm": "scales x by 1 + weight and rounds, then normalizes",
+    "PI05AdaptiveRMSNorm": "scales by 1 + scale and adds shift, both from a second input",
     "AXK2GatedRMSNorm": "a block (an RMSNorm, then a gate from an MLP): its RMSNorm is swapped",
 }
 
@@ -389,6 +392,67 @@ def test_patched_or_hooked_instances_are_left_alone():
     assert {a.reason for a in result.left_alone} == {
         "its forward is patched or hooked on this instance"
     }
+
+
+def _llama_norm_spelled(attr, folder):
+    """LlamaRMSNorm's class with its eps attribute renamed to attr: the installed source,
+    rewritten and loaded from a file in folder (replace_rmsnorm reads a class's source)."""
+    from transformers.models.llama import modeling_llama
+
+    source = inspect.getsource(modeling_llama.LlamaRMSNorm).replace("variance_epsilon", attr)
+    path = folder / f"llama_norm_{attr}.py"
+    hub = "use_kernel_forward_from_hub = lambda name: lambda c: c"  # the class's decorator
+    path.write_text(f"import torch\nfrom torch import nn\n\n{hub}\n\n{source}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LlamaRMSNorm
+
+
+class _BlockRMSNorm(nn.Module):
+    """An RMSNorm-named block: a projection, then a Llama RMSNorm."""
+
+    def __init__(self, n):
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        super().__init__()
+        self.proj = nn.Linear(n, n)
+        self.norm = LlamaRMSNorm(n)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+def test_eps_under_either_hugging_face_name_is_the_same_formula(tmp_path, torch_fallback):
+    """Hugging Face spells a norm's eps self.eps or self.variance_epsilon: both are the Llama
+    formula, swapped with that attribute's value; another name is no known formula."""
+    torch.manual_seed(0)
+    norms = {
+        attr: _llama_norm_spelled(attr, tmp_path)(64, eps)
+        for attr, eps in (("eps", 3e-5), ("variance_epsilon", 2e-3), ("epsilon", 1e-5))
+    }
+    net = nn.ModuleDict(norms).to(torch.bfloat16)
+    _set_norm_weights(net, "any", torch.Generator().manual_seed(0))
+    result = replace_rmsnorm(net)
+    assert [s.path for s in result.swapped] == ["eps", "variance_epsilon"]
+    assert net["eps"].eps == 3e-5 and net["variance_epsilon"].eps == 2e-3
+    assert net["epsilon"] is norms["epsilon"]
+    assert [(a.path, a.reason) for a in result.left_alone] == [
+        ("epsilon", "its forward is not one of the RMSNorm formulas accel_torch reproduces")
+    ]
+    for attr in ("eps", "variance_epsilon"):
+        assert net[attr].casting == "llama"
+        _assert_reproduces(norms[attr], net[attr], torch.bfloat16, "llama")
+
+
+def test_an_rmsnorm_named_block_is_reported_and_searched():
+    block = _BlockRMSNorm(16)
+    net = nn.Sequential(block)
+    result = replace_rmsnorm(net)
+    assert net[0] is block and isinstance(block.norm, TritonRMSNorm)
+    assert [s.path for s in result.swapped] == ["0.norm"]
+    assert [(a.path, a.original) for a in result.left_alone] == [("0", "_BlockRMSNorm")]
+    assert "a block, not a norm" in result.left_alone[0].reason
 
 
 @pytest.mark.parametrize("eps", [float("inf"), float("nan"), -1.0, None])
