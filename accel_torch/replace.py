@@ -309,10 +309,25 @@ def _known_formulas():
     }
 
 
+# The module names the formulas use: in the matched code they must be torch's.
+_MODULES = {"torch": torch, "nn": nn, "F": nn.functional}
+
+
+def _modules_are_torchs(function, namespace):
+    """Whether every name of _MODULES that function reads is, in namespace (its globals),
+    the module of torch it names in the formulas."""
+    return all(
+        namespace.get(node.id) is _MODULES[node.id]
+        for node in ast.walk(function)
+        if isinstance(node, ast.Name) and node.id in _MODULES
+    )
+
+
 @functools.cache
 def _class_functions(cls):
     """The parsed ``forward`` of cls and of every method it calls on ``self`` (recursively),
-    forward first; None when their source is unavailable."""
+    forward first; None when their source is unavailable or names other than torch's modules
+    ``torch``, ``nn`` or ``F``."""
     functions, todo, seen = [], ["forward"], set()
     while todo:
         name = todo.pop(0)
@@ -325,7 +340,7 @@ def _class_functions(cls):
             parsed = _parse(inspect.getsource(fn))
         except (OSError, TypeError, SyntaxError):
             return None
-        if len(parsed) != 1:
+        if len(parsed) != 1 or not _modules_are_torchs(parsed[0], fn.__globals__):
             return None
         functions.append(parsed[0])
         for node in ast.walk(parsed[0]):

@@ -394,15 +394,30 @@ def test_patched_or_hooked_instances_are_left_alone():
     }
 
 
-def _llama_norm_spelled(attr, folder):
+# A torch whose rsqrt is sqrt: code reading it is not the formula its text spells.
+_OTHER_TORCH = """import torch as _torch
+
+
+class _Torch:
+    rsqrt = staticmethod(_torch.sqrt)
+
+    def __getattr__(self, name):
+        return getattr(_torch, name)
+
+
+torch = _Torch()"""
+
+
+def _llama_norm_spelled(attr, folder, torch_import="import torch"):
     """LlamaRMSNorm's class with its eps attribute renamed to attr: the installed source,
-    rewritten and loaded from a file in folder (replace_rmsnorm reads a class's source)."""
+    rewritten and loaded from a file in folder (replace_rmsnorm reads a class's source),
+    whose module gets torch from torch_import."""
     from transformers.models.llama import modeling_llama
 
     source = inspect.getsource(modeling_llama.LlamaRMSNorm).replace("variance_epsilon", attr)
-    path = folder / f"llama_norm_{attr}.py"
+    path = folder / f"llama_norm_{attr}_{len(list(folder.iterdir()))}.py"
     hub = "use_kernel_forward_from_hub = lambda name: lambda c: c"  # the class's decorator
-    path.write_text(f"import torch\nfrom torch import nn\n\n{hub}\n\n{source}")
+    path.write_text(f"{torch_import}\nfrom torch import nn\n\n{hub}\n\n\n{source}")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -443,6 +458,22 @@ def test_eps_under_either_hugging_face_name_is_the_same_formula(tmp_path, torch_
     for attr in ("eps", "variance_epsilon"):
         assert net[attr].casting == "llama"
         _assert_reproduces(norms[attr], net[attr], torch.bfloat16, "llama")
+
+
+def test_a_formula_reading_another_torch_is_left_alone(tmp_path):
+    """The Llama formula's text in a module whose name torch is not torch (here its rsqrt is
+    sqrt): the text is the formula, its arithmetic is not."""
+    norm = _llama_norm_spelled("variance_epsilon", tmp_path, _OTHER_TORCH)(16)
+    x = torch.randn(4, 16)
+    assert not torch.allclose(norm(x), rmsnorm64(x, norm.weight, 1e-6).float())
+    net = nn.Sequential(norm)
+    result = replace_rmsnorm(net)
+    assert result == 0 and net[0] is norm
+    assert [a.reason for a in result.left_alone] == [
+        "its forward is not one of the RMSNorm formulas accel_torch reproduces"
+    ]
+    plain = nn.Sequential(_llama_norm_spelled("variance_epsilon", tmp_path)(16))
+    assert replace_rmsnorm(plain) == 1  # the same file with torch itself is swapped
 
 
 def test_an_rmsnorm_named_block_is_reported_and_searched():
