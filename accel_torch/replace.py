@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .modules import TritonRMSNorm
-from .ops import rmsnorm
+from .ops import rmsnorm, rmsnorm_residual_fused
 from .validation import check_eps
 
 
@@ -35,13 +35,14 @@ class _Formula(NamedTuple):
     weight_offset: float
     weighted: bool
     eps_attr: str = "eps"  # the attribute holding eps; set per spelling by _known_formulas
+    dtypes: str = "x"  # the output dtype: "x" (x's), or a PromotingRMSNorm rule
 
 
 # Each formula's code, as Hugging Face writes it (the first of several identical copies), with
 # eps spelled ``self.eps``: a copy spelling it ``self.variance_epsilon`` is the same formula.
-# Llama-style ("llama" casting): round(x * rstd) to x's dtype, then times the weight. When
-# the weight is in x's dtype (a model loaded or cast to one dtype) this is HF's output bit
-# for bit; an fp32 weight with bf16 activations makes HF's output fp32, ours its rounding.
+# Llama-style ("llama" casting): round(x * rstd) to x's dtype, then times the weight, HF's
+# output bit for bit. Its dtype is x's and the weight's promoted (fp32 for an fp32 weight
+# and bf16 activations, as under autocast): PromotingRMSNorm keeps that dtype rule.
 # fp32 style: (x * rstd) * w in fp32, one rounding. accel_torch's "fp32" casting computes
 # x * (rstd * w): within 1 ulp of it, bit-equal when the scale is a power of two.
 _LLAMA = """
@@ -162,9 +163,9 @@ def forward(self, hidden_states):
 """
 
 _FORMULAS = {
-    _LLAMA: _Formula("Llama", "llama", 0.0, True),
-    _T5: _Formula("T5", "llama", 0.0, True),
-    _LLAMA4: _Formula("Llama 4", "llama", 0.0, True),
+    _LLAMA: _Formula("Llama", "llama", 0.0, True, dtypes="llama"),
+    _T5: _Formula("T5", "llama", 0.0, True, dtypes="t5"),
+    _LLAMA4: _Formula("Llama 4", "llama", 0.0, True, dtypes="llama"),
     _OLMO2: _Formula("OLMo 2", "fp32", 0.0, True),
     _HELIUM: _Formula("Helium", "fp32", 0.0, True),
     _MOSHI: _Formula("Moshi", "fp32", 0.0, True),
@@ -396,6 +397,59 @@ class UnweightedRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
+class PromotingRMSNorm(TritonRMSNorm):
+    """TritonRMSNorm with ``casting="llama"`` and the output dtype of the Hugging Face norm it
+    replaces where the weight's dtype is not x's. What replace_rmsnorm puts in place of the
+    Llama, Llama 4 and T5 formulas, whose outputs are ``weight * xhat`` in the dtype torch
+    promotes them to (fp32 for an fp32 weight and bf16 x, as under autocast).
+
+    x (..., N) of any float dtype, weight (N,): ``rule`` says how xhat is rounded:
+        "llama": ``y = weight * round(x * rstd)``, xhat rounded to x's dtype; y in
+            ``promote_types(x.dtype, weight.dtype)``.
+        "t5": xhat is ``x * rstd`` in fp32 (float64 for float64 x), rounded to the weight's
+            dtype when that is fp16 or bf16; y in the dtype of weight * xhat.
+    Both are the kernels' ``casting="llama"`` where the weight and x share a dtype ("llama":
+    also where the promoted dtype is x's); elsewhere the kernels normalize and torch scales.
+    ``forward(x, residual=None)`` is TritonRMSNorm's, with y in that dtype.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, rule: str):
+        if rule not in ("llama", "t5"):
+            raise ValueError(f"rule must be 'llama' or 't5', got {rule!r}")
+        super().__init__(hidden_size, check_eps(eps), casting="llama")
+        self.rule = rule
+
+    def forward(self, x, residual=None):
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dtype == self._parameters["weight"].dtype  # the common case, checked first
+            or self._kernel_dtypes(x.dtype)
+        ):
+            return TritonRMSNorm.forward(self, x, residual)
+        if residual is None:
+            return self._promoted(x)
+        _, h = rmsnorm_residual_fused(
+            x, residual, None, self.eps, return_residual=True, residual_dtype=self.residual_dtype
+        )
+        return self._promoted(h), h
+
+    def _kernel_dtypes(self, dtype) -> bool:
+        w = self.weight.dtype
+        return dtype == w or (self.rule == "llama" and torch.promote_types(dtype, w) == dtype)
+
+    def _promoted(self, x):
+        w = self.weight
+        if self.rule == "llama":
+            return w * rmsnorm(x, None, self.eps)
+        xhat = rmsnorm(x.to(torch.promote_types(x.dtype, torch.float32)), None, self.eps)
+        if w.dtype in (torch.float16, torch.bfloat16):
+            xhat = xhat.to(w.dtype)
+        return w * xhat
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rule={self.rule!r}"
+
+
 class Swapped(NamedTuple):
     path: str
     original: str  # the class name of the module replaced
@@ -476,13 +530,16 @@ def _replacement(module):
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
         return None, "its weight is not a 1-d Parameter"
-    new = TritonRMSNorm(
-        weight.shape[0],
-        eps,
-        elementwise_affine=True,
-        weight_offset=formula.weight_offset,
-        casting=formula.casting,
-    )
+    if formula.dtypes != "x":
+        new = PromotingRMSNorm(weight.shape[0], eps, formula.dtypes)
+    else:
+        new = TritonRMSNorm(
+            weight.shape[0],
+            eps,
+            elementwise_affine=True,
+            weight_offset=formula.weight_offset,
+            casting=formula.casting,
+        )
     offset = f", weight_offset={formula.weight_offset}" if formula.weight_offset else ""
     return _with_weight(new, weight), f"{formula.name} formula, casting={formula.casting!r}{offset}"
 
@@ -522,13 +579,15 @@ def replace_rmsnorm(model: nn.Module, verbose: bool = False) -> RMSNormReplaceme
 
     Swapped: ``torch.nn.RMSNorm`` over one dimension (``casting="fp32"``), and any module
     whose forward is one of the Hugging Face RMSNorm formulas (see the module docstring):
-    Llama-style (``casting="llama"``; Llama, Mistral, Qwen, DeepSeek, Granite, GLM, T5, ...),
-    fp32 style (OLMo 2/3, Helium, Gemma 3n, ``F.rms_norm`` in fp32, ...), Gemma-style ``1 + weight``
-    (``weight_offset=1.0``; Gemma 1-3, VaultGemma, Qwen3-Next, T5Gemma, ...), and weightless
-    ones (:class:`UnweightedRMSNorm`). Their outputs are the same as before, bit for bit
-    where the weight is in the activations' dtype, except that fp32-style ones may differ by
-    1 ulp where x * (rstd * w) and (x * rstd) * w round apart. Everything else (gated or
-    grouped norms, other roundings) is left alone; those named ``*RMSNorm*`` are reported.
+    Llama-style (:class:`PromotingRMSNorm`, ``casting="llama"``; Llama, Mistral, Qwen,
+    DeepSeek, Granite, GLM, T5, ...), fp32 style (OLMo 2/3, Helium, Gemma 3n, ``F.rms_norm``
+    in fp32, ...), Gemma-style ``1 + weight`` (``weight_offset=1.0``; Gemma 1-3, VaultGemma,
+    Qwen3-Next, T5Gemma, ...), and weightless ones (:class:`UnweightedRMSNorm`). Their
+    outputs are the same as before, in the same dtype, whatever the dtypes of the weight and
+    the activations (an fp32 weight with bf16 activations included): bit for bit where the
+    kernels' row sums round as torch's do, except that fp32-style ones may differ by 1 ulp
+    where x * (rstd * w) and (x * rstd) * w round apart. Everything else (gated or grouped
+    norms, other roundings) is left alone; those named ``*RMSNorm*`` are reported.
 
     Args:
         model: the nn.Module to modify (its submodules are swapped, not model itself).

@@ -4,7 +4,8 @@ One model is built (random weights, nothing downloaded) and its norm modules are
 in place between variants, so every variant runs the same weights (the same Parameters):
 
 - ``hf``: Hugging Face's ``LlamaRMSNorm`` (eager torch ops);
-- ``accel``: ``accel_torch.replace_rmsnorm(model)`` (``TritonRMSNorm``, casting "llama");
+- ``accel``: ``accel_torch.replace_rmsnorm(model)`` (``PromotingRMSNorm``: a
+  ``TritonRMSNorm`` with casting "llama");
 - ``liger``: ``liger_kernel.transformers.LigerRMSNorm`` built as Liger's
   ``apply_liger_kernel_to_llama(rms_norm=True, model=...)`` configures each norm (offset 0,
   casting_mode "llama", in_place=True), holding the original weight.

@@ -65,7 +65,7 @@ def test_norm_switch_keeps_the_weights_and_rejects_unknown_variants():
     weights = [m.weight for m in switch.norms()]
     assert len(weights) == 3  # input and post-attention norms of one layer, final norm
     norms = switch.use("accel")
-    assert all(type(m).__name__ == "TritonRMSNorm" for m in norms)
+    assert all(type(m).__name__ == "PromotingRMSNorm" for m in norms)  # Llama's formula
     assert [m.weight for m in norms] == weights  # the same Parameters
     assert all(type(m).__name__ == "LlamaRMSNorm" for m in switch.use("hf"))
     with pytest.raises(ValueError, match="variant"):

@@ -16,9 +16,17 @@ import torch
 from torch import nn
 
 from accel_torch.modules import TritonRMSNorm
-from accel_torch.replace import UnweightedRMSNorm, replace_rmsnorm
+from accel_torch.replace import PromotingRMSNorm, UnweightedRMSNorm, replace_rmsnorm
 
-from .helpers import assert_within_ulp, rmsnorm64
+from .helpers import (
+    assert_grad_close,
+    assert_llama_matches_hf,
+    assert_within_ulp,
+    dx_scale,
+    leaf64,
+    llama_rmsnorm_hf,
+    rmsnorm64,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,26 +97,38 @@ def _build(cls):
         return None
 
 
-def _assert_reproduces(original, swapped, dtype, casting):
-    """swapped(x) against original(x) on random inputs of dtype: bit for bit, except for
+def _assert_reproduces(original, swapped, dtype, casting, weight_dtype=None):
+    """swapped(x) against original(x) on random inputs of dtype, the modules' weights in
+    weight_dtype (default dtype): the same output dtype, and bit for bit, except for
     casting="fp32" with a weight: there accel_torch computes x * (rstd * w) and Hugging Face
     (x * rstd) * w, which round apart only next to a rounding midpoint (expected < 1 element
     in 1000 in 16-bit; a wrong casting differs in ~1/4 of them)."""
     torch.manual_seed(0)
     x = (3 * torch.randn(16, 64)).to(dtype)
     with torch.no_grad():
-        expected, out = original.to(dtype)(x), swapped.to(dtype)(x)
-    assert out.dtype == expected.dtype == dtype
+        original.to(weight_dtype or dtype), swapped.to(weight_dtype or dtype)
+        expected, out = original(x), swapped(x)
+    assert out.dtype == expected.dtype, (out.dtype, expected.dtype)
+    assert weight_dtype is not None or out.dtype == dtype
     weight = getattr(swapped, "weight", None)
     if casting == "llama" or weight is None:
         assert torch.equal(out, expected), f"{(out != expected).sum()} elements differ"
         return
     assert_within_ulp(out, rmsnorm64(x, weight, swapped.eps, swapped.weight_offset))
-    if dtype == torch.float32:
+    if out.dtype == torch.float32:
         torch.testing.assert_close(out, expected, rtol=3e-7, atol=0)
     else:
         assert_within_ulp(out, expected.double())
         assert (out != expected).sum() <= 4
+
+
+# (x's dtype, the weight's): mixed precision, e.g. fp32 weights under bf16 autocast.
+_MIXED = [
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float16),
+]
 
 
 @pytest.mark.parametrize("modeling", _modeling_files())
@@ -146,6 +166,75 @@ def test_every_rmsnorm_class_is_swapped_or_left_alone_for_a_reason(modeling, tor
         casting = getattr(new, "casting", "fp32")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             _assert_reproduces(norm, new, dtype, casting)
+        for dtype, weight_dtype in _MIXED:
+            _assert_reproduces(norm, new, dtype, casting, weight_dtype)
+
+
+@pytest.mark.parametrize("rule", ["llama", "t5"])
+def test_mixed_precision_gradients_are_hugging_faces(rule, path):
+    """An fp32 weight with bf16 x (autocast's mixed precision): y is fp32, as in Hugging Face,
+    within the contract's bound of Hugging Face's formula (bit for bit on the plain-torch
+    path); dweight and dx within the backward's tolerance of float64's, given the xhat Hugging
+    Face multiplies (rounded to bf16 for Llama; fp32 for T5) and the gradient reaching it (in
+    that dtype). Hugging Face's own T5 dx is not held to that: it adds two bf16 gradients of
+    x (the mean square's and the product's), which cancel."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(0)
+    hf = (LlamaRMSNorm if rule == "llama" else T5LayerNorm)(64, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(0.5 + torch.rand(64))
+    net = nn.Sequential(copy.deepcopy(hf))
+    assert replace_rmsnorm(net) == 1 and net[0].rule == rule
+    x = (3 * torch.randn(16, 64)).to(torch.bfloat16)
+    dy = torch.randn(16, 64)
+    w = hf.weight.detach()
+    grads = {}
+    for name, norm in (("hf", hf), ("ours", net[0])):
+        xs = x.clone().requires_grad_(True)
+        y = norm(xs)
+        grads[name] = (y, *torch.autograd.grad(y, (xs, norm.weight), dy))
+    (y_hf, dx_hf, dw_hf), (y, dx, dw) = grads["hf"], grads["ours"]
+    assert y.dtype == y_hf.dtype == torch.float32 and dx.dtype == dx_hf.dtype == torch.bfloat16
+    if path == "fallback":
+        assert torch.equal(y, y_hf) and torch.equal(dw, dw_hf)
+    x64 = leaf64(x)
+    if rule == "llama":
+        assert_llama_matches_hf(y, x, w, 1e-5, out_dtype=torch.float32)
+        xhat, g = llama_rmsnorm_hf(x, torch.ones(64), 1e-5), (dy * w).to(torch.bfloat16)
+    else:
+        assert_within_ulp(y, rmsnorm64(x, w, 1e-5))
+        xhat, g = rmsnorm64(x, None, 1e-5), dy * w
+    assert_grad_close(dw, (dy.double() * xhat.double()).sum(0), 1e-5)
+    (dx64,) = torch.autograd.grad(rmsnorm64(x64, None, 1e-5), x64, g.double())
+    assert_grad_close(dx, dx64, 1e-5, dx_scale(x, None, g, eps=1e-5))
+
+
+@pytest.mark.parametrize("rule", ["llama", "t5"])
+def test_promoting_norm_with_a_residual_is_the_norm_of_the_sum(rule, path):
+    """forward(x, residual) in mixed precision: h = x + residual in x's dtype, and y the
+    Hugging Face formula of h, in its promoted dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(0)
+    hf = (LlamaRMSNorm if rule == "llama" else T5LayerNorm)(32, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(0.5 + torch.rand(32))
+    norm = PromotingRMSNorm(32, 1e-5, rule)
+    norm.weight = hf.weight
+    x, r = (torch.randn(8, 32).to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        y, h = norm(x, r)
+        expected = hf(x + r)
+    assert torch.equal(h, x + r) and y.dtype == expected.dtype == torch.float32
+    if rule == "llama":
+        assert_llama_matches_hf(y, x + r, hf.weight, 1e-5, out_dtype=torch.float32)
+    else:
+        assert_within_ulp(y, rmsnorm64(x + r, hf.weight, 1e-5))
+    with pytest.raises(ValueError, match="rule"):
+        PromotingRMSNorm(32, 1e-5, "gemma")
 
 
 def test_instance_attributes_decide_if_tests(torch_fallback):
