@@ -586,8 +586,10 @@ def replace_rmsnorm(model: nn.Module, verbose: bool = False) -> RMSNormReplaceme
     outputs are the same as before, in the same dtype, whatever the dtypes of the weight and
     the activations (an fp32 weight with bf16 activations included): bit for bit where the
     kernels' row sums round as torch's do, except that fp32-style ones may differ by 1 ulp
-    where x * (rstd * w) and (x * rstd) * w round apart. Everything else (gated or grouped
-    norms, other roundings) is left alone; those named ``*RMSNorm*`` are reported.
+    where x * (rstd * w) and (x * rstd) * w round apart, and that float64 inputs are
+    computed in float64 (Hugging Face's formulas compute them in fp32). Everything else
+    (gated or grouped norms, other roundings) is left alone; those named ``*RMSNorm*`` are
+    reported.
 
     Args:
         model: the nn.Module to modify (its submodules are swapped, not model itself).

@@ -99,10 +99,11 @@ def _build(cls):
 
 def _assert_reproduces(original, swapped, dtype, casting, weight_dtype=None):
     """swapped(x) against original(x) on random inputs of dtype, the modules' weights in
-    weight_dtype (default dtype): the same output dtype, and bit for bit, except for
-    casting="fp32" with a weight: there accel_torch computes x * (rstd * w) and Hugging Face
-    (x * rstd) * w, which round apart only next to a rounding midpoint (expected < 1 element
-    in 1000 in 16-bit; a wrong casting differs in ~1/4 of them)."""
+    weight_dtype (default dtype): the same output dtype, and bit for bit, except for float64
+    x (computed in float64: the float64 reference's values, within fp32 arithmetic of Hugging
+    Face's) and for casting="fp32" with a weight: there accel_torch computes x * (rstd * w)
+    and Hugging Face (x * rstd) * w, which round apart only next to a rounding midpoint
+    (expected < 1 element in 1000 in 16-bit; a wrong casting differs in ~1/4 of them)."""
     torch.manual_seed(0)
     x = (3 * torch.randn(16, 64)).to(dtype)
     with torch.no_grad():
@@ -111,6 +112,14 @@ def _assert_reproduces(original, swapped, dtype, casting, weight_dtype=None):
     assert out.dtype == expected.dtype, (out.dtype, expected.dtype)
     assert weight_dtype is not None or out.dtype == dtype
     weight = getattr(swapped, "weight", None)
+    if dtype == out.dtype == torch.float64:
+        # float64 x: accel_torch computes in float64, Hugging Face's formulas in fp32.
+        offset = getattr(swapped, "weight_offset", 0.0)
+        torch.testing.assert_close(
+            out, rmsnorm64(x, weight, swapped.eps, offset), rtol=1e-12, atol=0
+        )
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+        return
     if casting == "llama" or weight is None:
         assert torch.equal(out, expected), f"{(out != expected).sum()} elements differ"
         return
@@ -122,12 +131,16 @@ def _assert_reproduces(original, swapped, dtype, casting, weight_dtype=None):
         assert (out != expected).sum() <= 4
 
 
-# (x's dtype, the weight's): mixed precision, e.g. fp32 weights under bf16 autocast.
+# (x's dtype, the weight's): mixed precision, e.g. fp32 weights under bf16 autocast, and
+# float64 on either side.
 _MIXED = [
     (torch.bfloat16, torch.float32),
     (torch.float16, torch.float32),
     (torch.float32, torch.bfloat16),
     (torch.bfloat16, torch.float16),
+    (torch.bfloat16, torch.float64),
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
 ]
 
 
