@@ -183,45 +183,62 @@ def test_every_rmsnorm_class_is_swapped_or_left_alone_for_a_reason(modeling, tor
             _assert_reproduces(norm, new, dtype, casting, weight_dtype)
 
 
-@pytest.mark.parametrize("rule", ["llama", "t5"])
-def test_mixed_precision_gradients_are_hugging_faces(rule, path):
+def _check_mixed_precision(rule, shape, device="cpu", exact=False, compiled=False):
     """An fp32 weight with bf16 x (autocast's mixed precision): y is fp32, as in Hugging Face,
-    within the contract's bound of Hugging Face's formula (bit for bit on the plain-torch
-    path); dweight and dx within the backward's tolerance of float64's, given the xhat Hugging
-    Face multiplies (rounded to bf16 for Llama; fp32 for T5) and the gradient reaching it (in
+    within the contract's bound of Hugging Face's formula (bit for bit where exact); dweight
+    and dx within the backward's tolerance of float64's, given the xhat Hugging Face
+    multiplies (rounded to bf16 for Llama; fp32 for T5) and the gradient reaching it (in
     that dtype). Hugging Face's own T5 dx is not held to that: it adds two bf16 gradients of
     x (the mean square's and the product's), which cancel."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     torch.manual_seed(0)
-    hf = (LlamaRMSNorm if rule == "llama" else T5LayerNorm)(64, eps=1e-5)
+    n = shape[-1]
+    hf = (LlamaRMSNorm if rule == "llama" else T5LayerNorm)(n, eps=1e-5).to(device)
     with torch.no_grad():
-        hf.weight.copy_(0.5 + torch.rand(64))
+        hf.weight.copy_(0.5 + torch.rand(n))
     net = nn.Sequential(copy.deepcopy(hf))
     assert replace_rmsnorm(net) == 1 and net[0].rule == rule
-    x = (3 * torch.randn(16, 64)).to(torch.bfloat16)
-    dy = torch.randn(16, 64)
+    ours = torch.compile(net[0], fullgraph=True) if compiled else net[0]
+    x = (3 * torch.randn(shape)).to(device, torch.bfloat16)
+    dy = torch.randn(shape, device=device)
     w = hf.weight.detach()
     grads = {}
-    for name, norm in (("hf", hf), ("ours", net[0])):
+    for name, norm, weight in (("hf", hf, hf.weight), ("ours", ours, net[0].weight)):
         xs = x.clone().requires_grad_(True)
         y = norm(xs)
-        grads[name] = (y, *torch.autograd.grad(y, (xs, norm.weight), dy))
+        grads[name] = (y, *torch.autograd.grad(y, (xs, weight), dy))
     (y_hf, dx_hf, dw_hf), (y, dx, dw) = grads["hf"], grads["ours"]
     assert y.dtype == y_hf.dtype == torch.float32 and dx.dtype == dx_hf.dtype == torch.bfloat16
-    if path == "fallback":
+    if exact:
         assert torch.equal(y, y_hf) and torch.equal(dw, dw_hf)
     x64 = leaf64(x)
     if rule == "llama":
         assert_llama_matches_hf(y, x, w, 1e-5, out_dtype=torch.float32)
-        xhat, g = llama_rmsnorm_hf(x, torch.ones(64), 1e-5), (dy * w).to(torch.bfloat16)
+        xhat, g = llama_rmsnorm_hf(x, torch.ones_like(w), 1e-5), (dy * w).to(torch.bfloat16)
     else:
         assert_within_ulp(y, rmsnorm64(x, w, 1e-5))
         xhat, g = rmsnorm64(x, None, 1e-5), dy * w
-    assert_grad_close(dw, (dy.double() * xhat.double()).sum(0), 1e-5)
+    dw64 = (dy.double() * xhat.double()).reshape(-1, n).sum(0)
+    assert_grad_close(dw, dw64, 1e-5)
     (dx64,) = torch.autograd.grad(rmsnorm64(x64, None, 1e-5), x64, g.double())
     assert_grad_close(dx, dx64, 1e-5, dx_scale(x, None, g, eps=1e-5))
+
+
+@pytest.mark.parametrize("rule", ["llama", "t5"])
+def test_mixed_precision_is_hugging_faces(rule, path):
+    _check_mixed_precision(rule, (16, 64), exact=path == "fallback")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(4096, 4096), (3, 1000), (2, 5, 7168)], ids=str)
+@pytest.mark.parametrize("rule", ["llama", "t5"])
+def test_mixed_precision_is_hugging_faces_on_gpu(rule, shape, compiled):
+    """The same on the compiled kernels, eager and under torch.compile (the op opaque to
+    Inductor, so its bf16 xhat stays rounded as Hugging Face's eager one is)."""
+    _check_mixed_precision(rule, shape, "cuda", compiled=compiled)
 
 
 @pytest.mark.parametrize("rule", ["llama", "t5"])
