@@ -180,7 +180,7 @@ _FORMULAS = {
 _EPS_ATTRS = ("eps", "variance_epsilon")
 
 _NOT_A_FORMULA = "its forward is not one of the RMSNorm formulas accel_torch reproduces"
-_A_BLOCK = "it holds submodules (a block, not a norm): the RMSNorms inside it are swapped"
+_A_BLOCK = "it holds submodules (a block, not a norm): the norms inside it are searched instead"
 
 
 # ---- canonical form of a forward: parsed code, names and annotations set aside ----
@@ -423,7 +423,7 @@ class PromotingRMSNorm(TritonRMSNorm):
         if (
             not isinstance(x, torch.Tensor)
             or x.dtype == self._parameters["weight"].dtype  # the common case, checked first
-            or self._kernel_dtypes(x.dtype)
+            or self._promotes_to_x(x.dtype)
         ):
             return TritonRMSNorm.forward(self, x, residual)
         if residual is None:
@@ -433,9 +433,8 @@ class PromotingRMSNorm(TritonRMSNorm):
         )
         return self._promoted(h), h
 
-    def _kernel_dtypes(self, dtype) -> bool:
-        w = self.weight.dtype
-        return dtype == w or (self.rule == "llama" and torch.promote_types(dtype, w) == dtype)
+    def _promotes_to_x(self, dtype) -> bool:
+        return self.rule == "llama" and torch.promote_types(dtype, self.weight.dtype) == dtype
 
     def _promoted(self, x):
         w = self.weight
