@@ -403,6 +403,38 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def _tiny_model(model_type, overrides):
+    """A tiny model of the family (fp32, eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    base = _T5 if model_type == "t5" else {} if model_type == "t5gemma" else _TINY
+    config = AutoConfig.for_model(model_type, **{**base, **overrides})
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    torch.manual_seed(0)
+    return auto.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    "model_type, weights",
+    [("llama", "any"), ("qwen3", "any"), ("t5", "any"), ("olmo2", "pow2"), ("gemma", "pow2")],
+)
+def test_tiny_model_logits_bit_exact_after_swap_under_autocast(model_type, weights, torch_fallback):
+    """fp32 parameters under bf16 autocast (mixed-precision training's forward): the norms
+    see bf16 activations (Qwen 3's q/k norms: the projections' outputs) with fp32 weights,
+    and the logits stay the same bit for bit through the swap. Norm weights as in FAMILIES:
+    any for the Llama-style families (whose fp32 outputs a swap to x's dtype would round),
+    powers of two for the fp32-style ones."""
+    model = _tiny_model(model_type, {})
+    _set_norm_weights(model, weights, torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = _logits(model, ids)
+        assert replace_rmsnorm(model) > 0
+        after = _logits(model, ids)
+    assert before.dtype == torch.bfloat16 and before.abs().max() > 0
+    assert torch.equal(after, before), f"{(after != before).sum()} of {after.numel()} differ"
+
+
 @pytest.mark.parametrize(
     "model_type, overrides, weights, numerics, left_alone",
     FAMILIES,
@@ -411,13 +443,7 @@ def _logits(model, ids):
 def test_tiny_model_logits_bit_exact_after_swap(
     model_type, overrides, weights, numerics, left_alone, torch_fallback
 ):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    base = _T5 if model_type == "t5" else {} if model_type == "t5gemma" else _TINY
-    config = AutoConfig.for_model(model_type, **{**base, **overrides})
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = auto.from_config(config).to(torch.bfloat16).eval()
+    model = _tiny_model(model_type, overrides).to(torch.bfloat16)
     _set_norm_weights(model, weights, torch.Generator().manual_seed(1))
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     norms = {
