@@ -428,10 +428,12 @@ class PromotingRMSNorm(TritonRMSNorm):
             return TritonRMSNorm.forward(self, x, residual)
         if residual is None:
             return self._promoted(x)
-        _, h = rmsnorm_residual_fused(
+        y0, h = rmsnorm_residual_fused(
             x, residual, None, self.eps, return_residual=True, residual_dtype=self.residual_dtype
         )
-        return self._promoted(h), h
+        if self.rule == "llama" and h.dtype == x.dtype:
+            return self.weight * y0, h  # y0 is round(h * rstd) in h's dtype: Llama's xhat
+        return self._promoted(h), h  # xhat in another dtype than y0's: normalized again
 
     def _promotes_to_x(self, dtype) -> bool:
         return self.rule == "llama" and torch.promote_types(dtype, self.weight.dtype) == dtype

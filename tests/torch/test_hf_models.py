@@ -107,7 +107,8 @@ def _assert_reproduces(original, swapped, dtype, casting, weight_dtype=None):
     torch.manual_seed(0)
     x = (3 * torch.randn(16, 64)).to(dtype)
     with torch.no_grad():
-        original.to(weight_dtype or dtype), swapped.to(weight_dtype or dtype)
+        original.to(weight_dtype or dtype)
+        swapped.to(weight_dtype or dtype)
         expected, out = original(x), swapped(x)
     assert out.dtype == expected.dtype, (out.dtype, expected.dtype)
     assert weight_dtype is not None or out.dtype == dtype
@@ -241,10 +242,12 @@ def test_mixed_precision_is_hugging_faces_on_gpu(rule, shape, compiled):
     _check_mixed_precision(rule, shape, "cuda", compiled=compiled)
 
 
+@pytest.mark.parametrize("residual_dtype", [None, torch.float32], ids=["h-bf16", "h-fp32"])
 @pytest.mark.parametrize("rule", ["llama", "t5"])
-def test_promoting_norm_with_a_residual_is_the_norm_of_the_sum(rule, path):
-    """forward(x, residual) in mixed precision: h = x + residual in x's dtype, and y the
-    Hugging Face formula of h, in its promoted dtype."""
+def test_promoting_norm_with_a_residual_is_the_norm_of_the_sum(rule, residual_dtype, path):
+    """forward(x, residual) in mixed precision: h = x + residual rounded once to
+    residual_dtype (default x's), and y the Hugging Face formula of h, in its promoted
+    dtype."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
@@ -253,16 +256,17 @@ def test_promoting_norm_with_a_residual_is_the_norm_of_the_sum(rule, path):
     with torch.no_grad():
         hf.weight.copy_(0.5 + torch.rand(32))
     norm = PromotingRMSNorm(32, 1e-5, rule)
-    norm.weight = hf.weight
+    norm.weight, norm.residual_dtype = hf.weight, residual_dtype
     x, r = (torch.randn(8, 32).to(torch.bfloat16) for _ in range(2))
     with torch.no_grad():
         y, h = norm(x, r)
-        expected = hf(x + r)
-    assert torch.equal(h, x + r) and y.dtype == expected.dtype == torch.float32
+        expected_h = (x.float() + r.float()).to(residual_dtype or x.dtype)
+        expected = hf(expected_h)
+    assert torch.equal(h, expected_h) and y.dtype == expected.dtype == torch.float32
     if rule == "llama":
-        assert_llama_matches_hf(y, x + r, hf.weight, 1e-5, out_dtype=torch.float32)
+        assert_llama_matches_hf(y, h, hf.weight, 1e-5, out_dtype=torch.float32)
     else:
-        assert_within_ulp(y, rmsnorm64(x + r, hf.weight, 1e-5))
+        assert_within_ulp(y, rmsnorm64(h, hf.weight, 1e-5))
     with pytest.raises(ValueError, match="rule"):
         PromotingRMSNorm(32, 1e-5, "gemma")
 
@@ -560,7 +564,8 @@ def _llama_norm_spelled(attr, folder, torch_import="import torch"):
     from transformers.models.llama import modeling_llama
 
     source = inspect.getsource(modeling_llama.LlamaRMSNorm).replace("variance_epsilon", attr)
-    path = folder / f"llama_norm_{attr}_{len(list(folder.iterdir()))}.py"
+    which = "torch" if torch_import == "import torch" else "other_torch"
+    path = folder / f"llama_norm_{attr}_{which}.py"
     hub = "use_kernel_forward_from_hub = lambda name: lambda c: c"  # the class's decorator
     path.write_text(f"{torch_import}\nfrom torch import nn\n\n{hub}\n\n\n{source}")
     spec = importlib.util.spec_from_file_location(path.stem, path)
