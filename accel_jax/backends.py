@@ -2,8 +2,9 @@
 
 ``ACCEL_JAX_BACKEND`` (read when a call is traced), or ``use_backend(choice)`` around the
 tracing, which wins over the variable:
-- ``auto`` (default): Mosaic GPU for the fused residual forward on compute capability 9.0+
-  from ``MGPU_FUSED_MIN_ROWS`` rows of at most ``kernels_mgpu.MAX_COLS`` columns, and the
+- ``auto`` (default): Mosaic GPU on compute capability 9.0+ for the fused residual forward
+  from ``MGPU_FUSED_MIN_ROWS`` rows of at most ``kernels_mgpu.MAX_COLS`` columns, for the
+  plain forward at ``MGPU_FWD_COLS`` columns from ``MGPU_FWD_MIN_ELEMS`` elements, and the
   Mosaic GPU backward for ``MGPU_BWD_COLS`` columns from ``MGPU_BWD_MIN_ELEMS`` elements,
   where each measured faster on the H200
   (bench/NOTES.md); the Triton-lowered kernels for everything else;
@@ -32,6 +33,10 @@ CHOICES = ("auto", "triton", "mosaic_gpu", "reference")
 # From this many rows the Mosaic GPU fused forward beat the Triton one on every H200 bench
 # shape it serves (2-6%); below it (256x4096) it was slower.
 MGPU_FUSED_MIN_ROWS = 2048
+# The Mosaic GPU plain forward beat the Triton one on the H200 at 4096x4608-4096x7168 (1-4%
+# cold, two runs); at 4096 and 8192 columns it tied or lost, at 3072-3584 it lost 6-9%.
+MGPU_FWD_COLS = (4608, 7168)
+MGPU_FWD_MIN_ELEMS = 2**24
 # The Mosaic GPU backward beat the Triton one on the H200 at 8192x2048, 32768x2048,
 # 8192x4096 and 4096x5120 (2-10% cold); it tied at 2048x4096 and 4096x3072 and lost on
 # 1024 columns and at 256 rows.
@@ -124,9 +129,11 @@ def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
     if choice == "mosaic_gpu":
         return kernels_mgpu
     # the two-walk kernels of rows past MAX_COLS lost to the Triton-lowered ones (H200)
-    if fused and m >= MGPU_FUSED_MIN_ROWS and not kernels_mgpu.wide(n) and hopper_or_newer():
-        return kernels_mgpu
-    return kernels
+    if fused:
+        wins = m >= MGPU_FUSED_MIN_ROWS and not kernels_mgpu.wide(n)
+    else:
+        wins = MGPU_FWD_COLS[0] <= n <= MGPU_FWD_COLS[1] and m * n >= MGPU_FWD_MIN_ELEMS
+    return kernels_mgpu if wins and hopper_or_newer() else kernels
 
 
 __all__ = [
@@ -134,6 +141,8 @@ __all__ = [
     "MGPU_BWD_COLS",
     "MGPU_BWD_MIN_ELEMS",
     "MGPU_FUSED_MIN_ROWS",
+    "MGPU_FWD_COLS",
+    "MGPU_FWD_MIN_ELEMS",
     "backend",
     "backward_kernels",
     "check_forced",

@@ -174,3 +174,14 @@ def test_auto_picks_mosaic_gpu_for_large_fused_on_hopper(monkeypatch):
     assert _uses_mosaic_gpu(fused, x) == hopper
     assert not _uses_mosaic_gpu(lambda x: accel_jax.rmsnorm(x), x)
     assert not _uses_mosaic_gpu(fused, x[:256])
+
+
+def test_auto_picks_mosaic_gpu_for_the_plain_forward_at_4608_to_7168_columns(monkeypatch):
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", "auto")
+    hopper = backends.hopper_or_newer()
+    for shape, expected in [((4096, 5120), hopper), ((4099, 7168), hopper), ((4096, 4096), False)]:
+        x = rand(7, shape, jnp.bfloat16)
+        w = rand(8, shape[-1:], jnp.bfloat16, scale=0.2, shift=1.0)
+        f = lambda x, w: accel_jax.rmsnorm(x, w)  # noqa: E731
+        assert _uses_mosaic_gpu(f, x, w) == expected, shape
+        assert_output_close(jax.jit(f)(x, w), fwd64(x, None, w)[0])

@@ -88,7 +88,7 @@ def test_rows_per_program_keeps_a_threads_share():
     "setting, m, fused, hopper, expected",
     [
         ("auto", 4096, True, True, kernels_mgpu),
-        ("auto", 4096, False, True, kernels),  # plain forward: Triton (mixed on the H200)
+        ("auto", 4096, False, True, kernels),  # plain forward at 4096 columns: Triton
         ("auto", 256, True, True, kernels),  # few rows: Triton was faster
         ("auto", 4096, True, False, kernels),  # before Hopper
         ("triton", 4096, True, True, kernels),
@@ -104,6 +104,29 @@ def test_forward_backend_choice(monkeypatch, setting, m, fused, hopper, expected
     assert backends.forward_kernels(m, 4096, fused, [BF16], choice) is expected
     # a shape Mosaic GPU does not serve always gets the Triton-lowered kernels
     assert backends.forward_kernels(m, 1000, fused, [BF16], choice) is kernels
+
+
+@pytest.mark.parametrize(
+    "m, n, hopper, expected",
+    [
+        (4096, 4608, True, kernels_mgpu),
+        (4096, 5120, True, kernels_mgpu),
+        (4096, 7168, True, kernels_mgpu),
+        (8192, 6144, True, kernels_mgpu),
+        (2048, 5120, True, kernels),  # below MGPU_FWD_MIN_ELEMS: not measured faster
+        (4096, 3584, True, kernels),  # 3072-3584 columns: Triton was faster
+        (8192, 4096, True, kernels),  # a tie at 4096 and 8192 columns
+        (4096, 8192, True, kernels),
+        (4096, 5120, False, kernels),  # before Hopper
+        (4096, 5000, True, kernels),  # not served: not a multiple of 512
+    ],
+)
+def test_plain_forward_backend_choice_under_auto(monkeypatch, m, n, hopper, expected):
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: hopper)
+    assert backends.forward_kernels(m, n, False, [BF16], "auto") is expected
+    # the fused forward keeps its own rule: Mosaic GPU from MGPU_FUSED_MIN_ROWS rows
+    fused = kernels_mgpu if hopper and kernels_mgpu.supported(m, n, BF16) else kernels
+    assert backends.forward_kernels(m, n, True, [BF16], "auto") is fused
 
 
 @pytest.mark.parametrize("setting, expected", [("auto", kernels), ("mosaic_gpu", kernels_mgpu)])

@@ -17,6 +17,7 @@ from torch import nn
 
 from accel_torch.modules import TritonRMSNorm
 from accel_torch.replace import PromotingRMSNorm, UnweightedRMSNorm, replace_rmsnorm
+from tests.numerics.ulp import spacing
 
 from .helpers import (
     assert_grad_close,
@@ -215,14 +216,21 @@ def _check_mixed_precision(rule, shape, device="cpu", exact=False, compiled=Fals
     if exact:
         assert torch.equal(y, y_hf) and torch.equal(dw, dw_hf)
     x64 = leaf64(x)
+    slack = None
     if rule == "llama":
         assert_llama_matches_hf(y, x, w, 1e-5, out_dtype=torch.float32)
         xhat, g = llama_rmsnorm_hf(x, torch.ones_like(w), 1e-5), (dy * w).to(torch.bfloat16)
+        # Where the kernels' rstd rounds a near-tie x * rstd the other way (the contract's
+        # bound, checked just above: y = w * xhat differs from HF's there, and only there),
+        # their xhat is HF's bf16 neighbour: dweight's row sum differs by dy times that ulp.
+        flipped = (y != y_hf).double()
+        step = spacing(xhat.double(), torch.bfloat16)
+        slack = (dy.double().abs() * step * flipped).reshape(-1, n).sum(0)
     else:
         assert_within_ulp(y, rmsnorm64(x, w, 1e-5))
         xhat, g = rmsnorm64(x, None, 1e-5), dy * w
     dw64 = (dy.double() * xhat.double()).reshape(-1, n).sum(0)
-    assert_grad_close(dw, dw64, 1e-5)
+    assert_grad_close(dw, dw64, 1e-5, slack=slack)
     (dx64,) = torch.autograd.grad(rmsnorm64(x64, None, 1e-5), x64, g.double())
     assert_grad_close(dx, dx64, 1e-5, dx_scale(x, None, g, eps=1e-5))
 
