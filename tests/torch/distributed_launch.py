@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -83,6 +84,11 @@ def _rank_main(rank: int, checks: str, world_size: int, port: int) -> None:
         for check in checks.split(","):
             module, function = check.split(":")
             getattr(importlib.import_module(module), function)(device)
+    except BaseException:
+        # printed before the group is torn down: a rank that fails while others still wait
+        # in a collective can abort inside destroy_process_group, losing the traceback
+        print(f"rank {rank} failed in {check}:\n{traceback.format_exc()}", flush=True)
+        raise
     finally:
         dist.destroy_process_group()
 
