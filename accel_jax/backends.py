@@ -3,10 +3,12 @@
 ``ACCEL_JAX_BACKEND`` (read when a call is traced), or ``use_backend(choice)`` around the
 tracing, which wins over the variable:
 - ``auto`` (default): Mosaic GPU on compute capability 9.0+ for the fused residual forward
-  from ``MGPU_FUSED_MIN_ROWS`` rows of at most ``kernels_mgpu.MAX_COLS`` columns, for the
+  from ``MGPU_FUSED_MIN_ROWS`` rows (past ``kernels_mgpu.MAX_COLS`` columns only where the
+  grouped kernel serves them, ``kernels_mgpu.fwd_groups``), for the
   plain forward at ``MGPU_FWD_COLS`` columns from ``MGPU_FWD_MIN_ELEMS`` elements, and the
-  Mosaic GPU backward for ``MGPU_BWD_COLS`` columns from ``MGPU_BWD_MIN_ELEMS`` elements,
-  where each measured faster on the H200
+  Mosaic GPU backward for ``MGPU_BWD_COLS`` columns from ``MGPU_BWD_MIN_ELEMS`` elements
+  (past ``kernels_mgpu.BWD_MAX_COLS`` only where the grouped kernel serves them,
+  ``kernels_mgpu.bwd_groups``), where each measured faster on the H200
   (bench/NOTES.md); the Triton-lowered kernels for everything else;
 - ``triton``: the Triton-lowered kernels only;
 - ``mosaic_gpu``: Mosaic GPU for every forward and backward it serves
@@ -31,7 +33,8 @@ from accel_jax import kernels, kernels_mgpu
 
 CHOICES = ("auto", "triton", "mosaic_gpu", "reference")
 # From this many rows the Mosaic GPU fused forward beat the Triton one on every H200 bench
-# shape it serves (2-6%); below it (256x4096) it was slower.
+# shape it serves (2-6%; the grouped kernel 3-7% at 9216-16384 columns); below it (256x4096)
+# it was slower.
 MGPU_FUSED_MIN_ROWS = 2048
 # The Mosaic GPU plain forward beat the Triton one on the H200 at 4096x4608-4096x7168 (1-4%
 # cold, two runs); at 4096 and 8192 columns it tied or lost, at 3072-3584 it lost 6-9%.
@@ -39,8 +42,9 @@ MGPU_FWD_COLS = (4608, 7168)
 MGPU_FWD_MIN_ELEMS = 2**24
 # The Mosaic GPU backward beat the Triton one on the H200 at 8192x2048, 32768x2048,
 # 8192x4096 and 4096x5120 (2-10% cold); it tied at 2048x4096 and 4096x3072 and lost on
-# 1024 columns and at 256 rows.
-MGPU_BWD_COLS = (2048, 5120)
+# 1024 columns and at 256 rows; the grouped backward tied or won at 4096x6144, 2048x8192,
+# 4096x7168 and 4096x12288 (up to 5% cold).
+MGPU_BWD_COLS = (2048, 12288)
 MGPU_BWD_MIN_ELEMS = 2**24
 
 
@@ -115,6 +119,8 @@ def backward_kernels(m: int, n: int, dtypes, choice: str = "auto"):
     if choice == "mosaic_gpu":
         return kernels_mgpu
     wins = MGPU_BWD_COLS[0] <= n <= MGPU_BWD_COLS[1] and m * n >= MGPU_BWD_MIN_ELEMS
+    # the two-walk kernels of rows past BWD_MAX_COLS lost to the Triton-lowered ones (H200)
+    wins = wins and (not kernels_mgpu.wide_bwd(n) or kernels_mgpu.bwd_groups(n, *dtypes) > 0)
     return kernels_mgpu if wins and hopper_or_newer() else kernels
 
 
@@ -130,7 +136,8 @@ def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
         return kernels_mgpu
     # the two-walk kernels of rows past MAX_COLS lost to the Triton-lowered ones (H200)
     if fused:
-        wins = m >= MGPU_FUSED_MIN_ROWS and not kernels_mgpu.wide(n)
+        grouped = kernels_mgpu.fwd_groups(n, *dtypes) > 0
+        wins = m >= MGPU_FUSED_MIN_ROWS and (not kernels_mgpu.wide(n) or grouped)
     else:
         wins = MGPU_FWD_COLS[0] <= n <= MGPU_FWD_COLS[1] and m * n >= MGPU_FWD_MIN_ELEMS
     return kernels_mgpu if wins and hopper_or_newer() else kernels

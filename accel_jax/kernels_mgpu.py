@@ -22,7 +22,10 @@ stored. Each program adds its rows' dy * xhat into an fp32 register accumulator:
 fp32 partial row each, summed in a fixed order afterwards (deterministic dweight, no
 atomics).
 
-Rows wider than that (forward past ``MAX_COLS``, backward past ``BWD_MAX_COLS``) take the
+Rows wider than that (forward past ``MAX_COLS``, backward past ``BWD_MAX_COLS``) are held
+by several warpgroups of one program, each warp a contiguous segment of a row, the
+segments' sums met in shared memory (the grouped kernels), where N splits into such
+segments; otherwise (and for the backward past ``BWD_GROUP_MAX_COLS``) they take the
 two-walk kernels: each row is read in column chunks twice, once for its sum and once to
 write it, and the backward's dweight accumulator lives in shared memory.
 
@@ -82,6 +85,26 @@ BWD_CHUNK = 4096
 BWD_SMALL_CHUNK = 2048
 BWD_WIDE_SMALL_COLS = 8192
 WIDE_MAX_COLS = 16 * WIDE_CHUNK
+# Rows past MAX_COLS (forward) or BWD_MAX_COLS (backward) held in registers by several
+# warpgroups of one program instead, where a split fits (_split): each warp holds one
+# contiguous segment of a row, at most GROUP_ELEMS (forward, GROUP_ROWS rows per program;
+# two at least, for the rstd store) or BWD_GROUP_ELEMS (backward, BWD_GROUP_PROGRAMS
+# programs) fp32 elements of each array per thread, and the segments' sums meet in shared
+# memory. The backward only up to BWD_GROUP_MAX_COLS: its weight, dweight accumulator, x
+# and dy of one row in fp32 (16 N bytes) fill the 256 KB register file of an SM at 16384
+# columns. H200 sweep (bench/results/h200/sweeps/mgpu_groups_probe.log): the fused forward
+# 3-7% faster than the Triton-lowered one at 9216-16384 columns with two rows of <= 128
+# elements (the plain forward tied at 16384 and lost at 12288); the backward tied or won
+# at 6144-12288 with 16 elements (4096x7168 51.6 us cold against 54.5, 4096x12288 108.9
+# against 114.8), and lost at 16384 (245, two-walk 158, Triton 149). GROUPED False: the
+# two-walk kernels for all rows past MAX_COLS / BWD_MAX_COLS.
+GROUPED = True
+MAX_GROUPS = 8
+GROUP_ROWS = 2
+GROUP_ELEMS = 128
+BWD_GROUP_ELEMS = 16
+BWD_GROUP_PROGRAMS = 132
+BWD_GROUP_MAX_COLS = 12288
 # JAX 0.11 moved ``load``'s index into the ref (``ref.at[...]``) and warns on the old form.
 _INDEX_ARG = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
 
@@ -129,6 +152,8 @@ def wide_bwd(n: int) -> bool:
 
 def supported(m: int, n: int, *dtypes) -> bool:
     """Whether these kernels serve an (M, N) forward with inputs/outputs of ``dtypes``."""
+    if fwd_groups(n, *dtypes):
+        return _fits(m, n, GROUP_ROWS, dtypes, WIDE_MAX_COLS)
     if wide(n):
         return WIDE_CHUNK % _tile(WIDE_ROWS, dtypes) == 0 and _fits(
             m, n, WIDE_ROWS, dtypes, WIDE_MAX_COLS
@@ -139,6 +164,8 @@ def supported(m: int, n: int, *dtypes) -> bool:
 def supported_bwd(m: int, n: int, *dtypes) -> bool:
     """Whether these kernels serve an (M, N) backward with inputs/outputs of ``dtypes``
     (its rows span the four warps: N a multiple of 128 vectors)."""
+    if bwd_groups(n, *dtypes):
+        return _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
     if wide_bwd(n):
         return BWD_CHUNK % _tile(1, dtypes) == 0 and _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
     return _fits(m, n, 1, dtypes, BWD_MAX_COLS)
@@ -194,9 +221,10 @@ def _load(ref, layout):
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
-def _launch(kernel, name: str, out_shape, programs: int, grid_name: str, scratch=()):
-    """kernel as a one-warpgroup-per-program Mosaic GPU call over a 1-D grid, named name,
-    with scratch (shared memory refs, after the outputs)."""
+def _launch(kernel, name: str, out_shape, programs: int, grid_name: str, scratch=(), groups=0):
+    """kernel as a Mosaic GPU call over a 1-D grid, named name, with scratch (shared memory
+    refs, after the outputs): one warpgroup per program, or ``groups`` (axis "group")."""
+    threads = {"num_threads": groups, "thread_name": "group"} if groups else {}
     return plgpu.kernel(
         _named(kernel, name),
         out_type=out_shape,
@@ -204,6 +232,7 @@ def _launch(kernel, name: str, out_shape, programs: int, grid_name: str, scratch
         grid=(programs,),
         grid_names=(grid_name,),
         compiler_params=_compiler_params(),
+        **threads,
     )
 
 
@@ -215,6 +244,17 @@ def _named(kernel, name: str):
 
     body.__name__ = body.__qualname__ = name
     return body
+
+
+def _input_block(x_ref, res_ref, h_ref, at, layout, round_dtype, has_residual, store_h):
+    """Rows ``at`` of x, or of h = round(x + residual) (stored when store_h), in fp32."""
+    x = _load(x_ref.at[at], layout)
+    if has_residual:
+        h = (x.astype(F32) + _load(res_ref.at[at], layout).astype(F32)).astype(round_dtype)
+        if store_h:
+            h_ref[at] = h
+        x = h
+    return x.astype(F32)
 
 
 def _fwd_kernel(
@@ -238,13 +278,7 @@ def _fwd_kernel(
 
     layout = _rows_layout(rows, n, vec)
     at = pl.ds(jnp.minimum(lax.axis_index("rows") * rows, m - rows), rows)
-    x = _load(x_ref.at[at], layout)
-    if has_residual:
-        h = (x.astype(F32) + _load(res_ref.at[at], layout).astype(F32)).astype(round_dtype)
-        if store_h:
-            h_ref[at] = h
-        x = h
-    x = x.astype(F32)
+    x = _input_block(x_ref, res_ref, h_ref, at, layout, round_dtype, has_residual, store_h)
     rstd = lax.rsqrt(jnp.sum(x * x, axis=1) / n + eps)
     if store_rstd:
         rstd_ref[at] = rstd
@@ -286,10 +320,16 @@ def rmsnorm_fwd(
     dtypes = [a.dtype for a in inputs] + [out_dtype] + ([round_dtype] if has_residual else [])
     if not supported(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU forward does not serve {(m, n)} with dtypes {dtypes}")
-    rows, body, extra = rows_per_program(n), _fwd_kernel, {}
-    if wide(n):
-        rows, body, extra = WIDE_ROWS, _fwd_wide_kernel, {"chunk": WIDE_CHUNK}
+    rows, body, extra, scratch = rows_per_program(n), _fwd_kernel, {}, ()
     out_shape = fwd_out_shape(m, n, out_dtype, round_dtype, store_h, store_rstd)
+    groups = fwd_groups(n, *dtypes)
+    if groups:
+        rows, body, extra = GROUP_ROWS, _fwd_grouped_kernel, {"groups": groups}
+        scratch, segments = _exchange_scratch(groups, rows), 4 * groups // rows
+        inputs = _segment_view(inputs, weight, segments)
+        out_shape = _segment_view(out_shape, None, segments)
+    elif wide(n):
+        rows, body, extra = WIDE_ROWS, _fwd_wide_kernel, {"chunk": WIDE_CHUNK}
     kernel = functools.partial(
         body,
         **extra,
@@ -307,7 +347,10 @@ def rmsnorm_fwd(
         store_rstd=store_rstd,
     )
     name = "rmsnorm_residual_fwd_mgpu" if has_residual else "rmsnorm_fwd_mgpu"
-    outs = _launch(kernel, name, out_shape, pl.cdiv(m, rows), "rows")(*inputs)
+    launch = _launch(kernel, name, out_shape, pl.cdiv(m, rows), "rows", scratch, groups)
+    outs = launch(*inputs)
+    if groups:
+        outs = [o.reshape(m, n) if o.ndim == 2 else o for o in outs]
     return fwd_outputs(outs, store_h, store_rstd)
 
 
@@ -377,8 +420,10 @@ def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_arg
         refs[-1][pl.ds(pid, 1)] = acc
 
 
-def bwd_programs(m: int, n: int) -> int:
-    """G, the backward's programs (and dweight partial rows)."""
+def bwd_programs(m: int, n: int, groups: int = 0) -> int:
+    """G, the backward's programs (and dweight partial rows); groups: bwd_groups."""
+    if groups:
+        return max(1, min(m, BWD_GROUP_PROGRAMS))
     twice = n <= BWD_NARROW_COLS or (wide_bwd(n) and n <= BWD_WIDE_SMALL_COLS)
     cap = BWD_MAX_PROGRAMS * (2 if twice else 1)
     return max(1, min(m, cap))
@@ -400,12 +445,17 @@ def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres
     dtypes += [dres_dtype] if store_dres else []
     if not supported_bwd(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU backward does not serve {(m, n)} with dtypes {dtypes}")
-    programs = bwd_programs(m, n)
+    groups = bwd_groups(n, *dtypes)
+    programs = bwd_programs(m, n, groups)
     out_shape = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
     out_shape += [jax.ShapeDtypeStruct((m, n), dres_dtype)] if store_dres else []
     out_shape += [jax.ShapeDtypeStruct((programs, n), F32)] if has_weight else []
     body, extra, scratch, view = _bwd_kernel, {}, (), (m, n)
-    if wide_bwd(n):
+    if groups:
+        body, extra, scratch = _bwd_grouped_kernel, {"groups": groups}, _exchange_scratch(groups)
+        inputs = _segment_view(inputs, weight, 4 * groups)
+        out_shape = _segment_view(out_shape, None, 4 * groups)
+    elif wide_bwd(n):
         chunk = bwd_chunk(n, *dtypes)
         body, extra, view = _bwd_wide_kernel, {"chunk": chunk}, (m * n // chunk, chunk)
         scratch = (plgpu.SMEM((n // chunk, chunk), F32),) if has_weight else ()
@@ -425,7 +475,7 @@ def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres
         has_dh=has_dh,
         store_dres=store_dres,
     )
-    launch = _launch(kernel, "rmsnorm_bwd_mgpu", out_shape, programs, "programs", scratch)
+    launch = _launch(kernel, "rmsnorm_bwd_mgpu", out_shape, programs, "programs", scratch, groups)
     outs = list(launch(*inputs))
     if has_weight:
         dweight = jnp.sum(outs.pop().reshape(programs, n), axis=0).astype(weight.dtype)
@@ -561,14 +611,189 @@ def _bwd_wide_kernel(*refs, m, n, chunk, vec, programs, weight_offset, has_weigh
             dwp_ref[pl.ds(pid * q + j, 1)] = _load(acc_ref.at[pl.ds(j, 1)], layout)
 
 
+# ------------------------------------------------------ rows past MAX_COLS, in warpgroups
+#
+# A program of W warpgroups: each warp holds one contiguous segment of a row (N / S columns,
+# S = 4 W / R segments per row), so a warp's sum never crosses warps (Mosaic GPU's
+# cross-warp reduction uses one shared scratch buffer for the whole program, which
+# warpgroups running side by side would race on). The segment sums meet in shared memory:
+# every warp writes its part, all wait on one barrier, and each thread adds its row's parts
+# in the same order (the same bits in every warpgroup of the row). The (M, N) arrays travel
+# as (M * S, N / S): the four segments of a warpgroup are four contiguous rows of that view.
+
+
+def _split(n: int, rows: int, dtypes, elems: int) -> int:
+    """W, the fewest warpgroups (at most MAX_GROUPS, a multiple of R) over which R rows of
+    N columns split into segments of whole vector tiles of at most 32 * elems columns (a
+    thread's share of one array at most elems); 0 if none."""
+    tile = _tile(4, dtypes)
+    for groups in range(rows, MAX_GROUPS + 1, rows):
+        seg, rest = divmod(n * rows, 4 * groups)
+        if not rest and seg % tile == 0 and n % seg == 0 and seg <= 32 * elems:
+            return groups
+    return 0
+
+
+def fwd_groups(n: int, *dtypes) -> int:
+    """W, the warpgroups of a forward program of GROUP_ROWS rows past MAX_COLS (_split at
+    GROUP_ELEMS); 0 where these rows take another kernel."""
+    return _split(n, GROUP_ROWS, dtypes, GROUP_ELEMS) if GROUPED and wide(n) else 0
+
+
+def bwd_groups(n: int, *dtypes) -> int:
+    """W, the warpgroups of a backward program past BWD_MAX_COLS up to BWD_GROUP_MAX_COLS
+    (one row at a time, _split at BWD_GROUP_ELEMS); 0 where these rows take another
+    kernel."""
+    if not (GROUPED and wide_bwd(n) and n <= BWD_GROUP_MAX_COLS):
+        return 0
+    return _split(n, 1, dtypes, BWD_GROUP_ELEMS)
+
+
+def _segment_view(arrays, weight, segments: int):
+    """The (rows, N) arrays (and ShapeDtypeStructs) as (rows * S, N / S), S = segments, and
+    the weight as (S, N / S); the others as they are."""
+
+    def view(a):
+        shape = a.shape
+        if a is weight:
+            shape = (segments, shape[0] // segments)
+        elif len(shape) == 2:
+            shape = (shape[0] * segments, shape[1] // segments)
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(shape, a.dtype)
+        return a.reshape(shape)
+
+    return [view(a) for a in arrays]
+
+
+def _exchange_scratch(groups: int, rows: int = 0):
+    """Shared memory for the segment sums of W warpgroups (two buffers, used in turn by
+    consecutive rows), R fp32 rstd to store (rows > 0), and the barrier all threads arrive
+    at."""
+    rstd = (plgpu.SMEM((rows,), F32),) if rows else ()
+    return (plgpu.SMEM((2, groups, 4), F32), *rstd, plgpu.Barrier(num_arrivals=groups))
+
+
+def _row_total(parts_ref, first: int, count: int):
+    """The sum of the segment parts of warpgroups first .. first + count - 1 (scalars, in
+    warpgroup then warp order)."""
+    total = None
+    for i in range(count):
+        for warp in range(4):
+            part = parts_ref[first + i, warp]
+            total = part if total is None else total + part
+    return total
+
+
+def _meet(parts_ref, barrier, part):
+    """Write this warpgroup's (4,) segment parts to parts_ref (one buffer) and wait until
+    every warpgroup has written its own."""
+    parts_ref[lax.axis_index("group")] = part
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _segment_weight(w_ref, at, layout, weight_offset):
+    """This warpgroup's four weight segments (rows ``at`` of the (S, N / S) weight) + offset
+    in fp32."""
+    w = _load(w_ref.at[at], layout).astype(F32)
+    return w + weight_offset if weight_offset else w
+
+
+def _fwd_grouped_kernel(*refs, m, n, rows, groups, vec, eps, weight_offset, llama,
+                        round_dtype, has_residual, has_weight, store_h, store_rstd):  # fmt: skip
+    """Forward program over R rows in W warpgroups, W / R per row (_fwd_kernel's arguments,
+    plus groups; the (M, N) arrays in the segment view)."""
+    parts_ref, rstd_smem, barrier = refs[-3:]
+    x_ref, res_ref, w_ref, y_ref, h_ref, rstd_ref = fwd_refs(
+        refs[:-3], has_residual, has_weight, store_h, store_rstd
+    )
+    per_row = groups // rows
+    segments = 4 * per_row
+    layout = _rows_layout(4, n // segments, vec)
+    group = lax.axis_index("group")
+    first = jnp.minimum(lax.axis_index("rows") * rows, m - rows)
+    at = pl.ds(first * segments + 4 * group, 4)
+    x = _input_block(x_ref, res_ref, h_ref, at, layout, round_dtype, has_residual, store_h)
+    parts_ref = parts_ref.at[0]
+    _meet(parts_ref, barrier, jnp.sum(x * x, axis=1))
+
+    def rstd_of(row):
+        return lax.rsqrt(_row_total(parts_ref, row * per_row, per_row) / n + eps)
+
+    if store_rstd:
+        # Warpgroup 0 stores the program's R rstd as one vector: every one of its threads
+        # writes all R to rstd_smem and reads back what it wrote itself (no barrier needed).
+        @pl.when(group == 0)
+        def _():
+            for row in range(rows):
+                rstd_smem[row] = rstd_of(row)
+            rstd_ref[pl.ds(first, rows)] = _load(rstd_smem, _rows_layout(rows, n, vec).reduce((1,)))
+
+    rstd = _broadcast(rstd_of(group // per_row), x.shape, (), layout)
+    if has_weight:
+        w = _segment_weight(w_ref, pl.ds(group % per_row * 4, 4), layout, weight_offset)
+        y = (x * rstd).astype(round_dtype).astype(F32) * w if llama else x * (rstd * w)
+    else:
+        y = x * rstd
+    y_ref[at] = y.astype(y_ref.dtype)
+
+
+def _bwd_grouped_kernel(*refs, m, n, vec, programs, groups, weight_offset, has_weight, has_dh,
+                        store_dres):  # fmt: skip
+    """Backward program pid over rows pid, pid + G, ... in W warpgroups, each holding a
+    quarter of its W-th of every row (the arrays in the segment view, S = 4 W; the
+    partials as (G * S, N / S)); the next BWD_PREFETCH rows' loads in flight, as in
+    _bwd_kernel, and dweight's dy * xhat summed in registers."""
+    parts_ref, barrier = refs[-2:]
+    refs = bwd_refs(refs[:-2], has_weight, has_dh, store_dres, has_weight)
+    dy_ref, x_ref, rstd_ref = refs[:3]
+    segments = 4 * groups
+    layout = _rows_layout(4, n // segments, vec)
+    group, pid = lax.axis_index("group"), lax.axis_index("programs")
+
+    def block(r):
+        return pl.ds(r * segments + 4 * group, 4)
+
+    w = None
+    if has_weight:
+        w = _segment_weight(refs[3], pl.ds(4 * group, 4), layout, weight_offset)
+
+    def load(i):
+        r = jnp.minimum(pid + i * programs, m - 1)  # past the last row: read, never used
+        return _load(x_ref.at[block(r)], layout), _load(dy_ref.at[block(r)], layout), rstd_ref[r]
+
+    def step(i, carry):
+        acc, loaded = carry
+        loaded = (*loaded, load(i + BWD_PREFETCH))
+        x, dy = (a.astype(F32) for a in loaded[0][:2])
+        g = dy if w is None else dy * w
+        parts = parts_ref.at[i % 2]
+        _meet(parts, barrier, jnp.sum(g * x, axis=1))
+        rstd = _broadcast(loaded[0][2], x.shape, (), layout)
+        mean_gx = _broadcast(_row_total(parts, 0, groups) / n, x.shape, (), layout) * rstd
+        r = pid + i * programs
+        xhat = _store_dx(refs, block(r), x, g, rstd, mean_gx, layout, has_dh, store_dres)
+        return (None if acc is None else acc + dy * xhat), loaded[1:]
+
+    acc = plgpu.layout_cast(jnp.zeros((4, n // segments), F32), _as_pallas_layout(layout))
+    carry = (acc if has_weight else None, tuple(load(i) for i in range(BWD_PREFETCH)))
+    acc, _ = lax.fori_loop(0, (m - pid + programs - 1) // programs, step, carry)
+    if has_weight:
+        refs[-1][block(pid)] = acc
+
+
 __all__ = [
+    "BWD_GROUP_MAX_COLS",
     "BWD_MAX_COLS",
     "MAX_COLS",
     "WIDE_MAX_COLS",
     "UNAVAILABLE",
     "bwd_chunk",
+    "bwd_groups",
     "bwd_programs",
     "col_chunks",
+    "fwd_groups",
     "rmsnorm_bwd",
     "rmsnorm_fwd",
     "rows_per_program",

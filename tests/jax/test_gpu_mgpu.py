@@ -24,9 +24,10 @@ from tests.jax.helpers import (
 pytestmark = pytest.mark.gpu
 
 # Ragged row counts (the last program starts early), 4 and 2 rows per program; rows past
-# MAX_COLS in column chunks (16896: four chunks and a narrower last one).
+# MAX_COLS held by two warpgroups (12288, 16384) or in column chunks (16896: no split into
+# whole segments; four chunks and a narrower last one).
 SHAPES = [(2048, 4096), (8195, 4096), (4096, 5120), (1027, 8192), (4097, 3584), (4, 256)]
-SHAPES += [(1027, 12288), (33, 16896)]
+SHAPES += [(1027, 12288), (1027, 16384), (33, 16896)]
 DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
 
 
@@ -88,9 +89,11 @@ def test_fused(shape):
 
 
 # Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns;
-# past BWD_MAX_COLS in column chunks (7168 and 9216: 1024-column chunks).
+# past BWD_MAX_COLS held by several warpgroups (7168: seven, 8192: four, 12288: six) or in
+# column chunks (9216: no split into whole segments, 3072-column chunks; 16384: past
+# BWD_GROUP_MAX_COLS, 4096-column chunks).
 BWD_SHAPES = [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
-BWD_SHAPES += [(1027, 7168), (300, 16384), (3, 9216)]
+BWD_SHAPES += [(1027, 7168), (130, 8192), (257, 12288), (300, 16384), (3, 9216)]
 
 
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "auto"])

@@ -32,8 +32,9 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
         ((2, 8192, [BF16], True)),  # two rows per program
         ((4096, 4352, [BF16], False)),  # two rows per program: N not whole 512-column tiles
         ((1, 8192, [BF16], False)),
-        ((64, 16384, [BF16], True)),  # past MAX_COLS: column chunks
-        ((64, 16896, [BF16], True)),  # the last chunk narrower
+        ((64, 16384, [BF16], True)),  # past MAX_COLS: two warpgroups per row
+        ((2, 12288, [F32], True)),
+        ((64, 16896, [BF16], True)),  # no split into whole segments: column chunks
         ((64, 16640, [BF16], False)),  # not whole 512-column tiles
         ((1, 16384, [BF16], False)),  # fewer rows than one program's
         ((64, 16 * 4096 + 512, [BF16], False)),  # past WIDE_MAX_COLS
@@ -47,7 +48,8 @@ def test_supported_shapes(m, n, dtypes, served):
     "m, n, dtypes, served",
     [
         ((3, 5120, [BF16], True)),
-        ((3, 7168, [BF16], True)),  # past BWD_MAX_COLS: column chunks
+        ((3, 7168, [BF16], True)),  # past BWD_MAX_COLS: seven warpgroups
+        ((3, 9216, [BF16], True)),  # no split into whole segments: column chunks
         ((3, 6656, [BF16], False)),  # not whole 1024-column tiles
         ((3, 6656, [F32], True)),  # fp32 tiles: 512 columns
         ((1, 16384, [BF16], True)),
@@ -74,6 +76,25 @@ def test_column_chunks_cover_the_row():
     # and its programs: twice as many up to 8192 columns
     assert kernels_mgpu.bwd_programs(4096, 8192) == 2 * kernels_mgpu.BWD_MAX_PROGRAMS
     assert kernels_mgpu.bwd_programs(4096, 9216) == kernels_mgpu.BWD_MAX_PROGRAMS
+
+
+def test_rows_past_max_cols_split_over_warpgroups():
+    """W warpgroups hold R rows as 4 W segments of whole 16-byte vector tiles (256 bf16 or
+    128 fp32 columns per warp), at most 32 * GROUP_ELEMS (forward, R = GROUP_ROWS = 2) or
+    32 * BWD_GROUP_ELEMS (backward, R = 1) columns each; 0: the two-walk kernel."""
+    assert (kernels_mgpu.GROUP_ROWS, kernels_mgpu.GROUP_ELEMS) == (2, 128)
+    assert kernels_mgpu.BWD_GROUP_ELEMS == 16
+    # forward: two rows of 16384 as four 8192-column halves (2 warpgroups, 4096-column
+    # segments); 32768 in 4 warpgroups; 16896 / 8 = 2112 is no whole number of tiles
+    for n, groups in [(9216, 2), (12288, 2), (16384, 2), (32768, 4), (16896, 0), (8192, 0)]:
+        assert kernels_mgpu.fwd_groups(n, BF16) == groups, n
+    assert kernels_mgpu.fwd_groups(12288, F32) == 2
+    # backward: 512-column segments at most; 7168 = 28 segments of 256 (7 warpgroups);
+    # 9216 splits into no 4 W segments of whole tiles up to 8 warpgroups; none past 12288
+    for n, groups in [(6144, 3), (7168, 7), (8192, 4), (12288, 6), (9216, 0), (16384, 0)]:
+        assert kernels_mgpu.bwd_groups(n, BF16) == groups, n
+    assert kernels_mgpu.bwd_groups(5120, BF16) == 0  # one warpgroup holds the row
+    assert kernels_mgpu.bwd_groups(6656, F32) == 0  # 6656 / 4 = 13 tiles of 128: 13 groups
 
 
 def test_rows_per_program_keeps_a_threads_share():
@@ -129,15 +150,21 @@ def test_plain_forward_backend_choice_under_auto(monkeypatch, m, n, hopper, expe
     assert backends.forward_kernels(m, n, True, [BF16], "auto") is fused
 
 
-@pytest.mark.parametrize("setting, expected", [("auto", kernels), ("mosaic_gpu", kernels_mgpu)])
-def test_rows_past_max_cols_run_mosaic_gpu_only_when_forced(monkeypatch, setting, expected):
-    """The two-walk kernels (measured slower on the H200) serve 16384 columns, but auto keeps
-    the Triton-lowered ones there, fused and plain, forward and backward."""
+@pytest.mark.parametrize("n", [12288, 16384, 16896])
+def test_rows_past_max_cols_under_auto(monkeypatch, n):
+    """Past MAX_COLS auto runs the fused forward on Mosaic GPU where the grouped kernel
+    serves it (measured faster on the H200), not the two-walk one (16896), and keeps the
+    plain forward on the Triton-lowered kernel; forcing runs Mosaic GPU for all of them."""
     monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
-    assert kernels_mgpu.supported(4096, 16384, BF16) and kernels_mgpu.wide(16384)
-    for fused in (False, True):
-        assert backends.forward_kernels(4096, 16384, fused, [BF16], setting) is expected
-    assert backends.backward_kernels(4096, 16384, [BF16], setting) is expected
+    assert kernels_mgpu.supported(4096, n, BF16) and kernels_mgpu.wide(n)
+    grouped = kernels_mgpu.fwd_groups(n, BF16) > 0
+    assert grouped == (n != 16896)
+    fused = backends.forward_kernels(4096, n, True, [BF16], "auto")
+    assert fused is (kernels_mgpu if grouped else kernels)
+    assert backends.forward_kernels(4096, n, False, [BF16], "auto") is kernels
+    for is_fused in (False, True):
+        forced = backends.forward_kernels(4096, n, is_fused, [BF16], "mosaic_gpu")
+        assert forced is kernels_mgpu
 
 
 @pytest.mark.parametrize(
@@ -151,9 +178,14 @@ def test_rows_past_max_cols_run_mosaic_gpu_only_when_forced(monkeypatch, setting
         ("auto", 8192, 4096, False, kernels),  # before Hopper
         ("auto", 8192, 3584, True, kernels),  # not served: not a multiple of 1024
         ("mosaic_gpu", 256, 1024, False, kernels_mgpu),
-        ("mosaic_gpu", 4096, 7168, True, kernels_mgpu),  # past BWD_MAX_COLS: column chunks
+        ("auto", 4096, 7168, True, kernels_mgpu),  # past BWD_MAX_COLS: seven warpgroups
+        ("auto", 4096, 12288, True, kernels_mgpu),  # six warpgroups
+        ("auto", 2048, 8192, True, kernels_mgpu),  # four warpgroups
+        ("auto", 4096, 9216, True, kernels),  # column chunks: Triton was faster
+        ("mosaic_gpu", 4096, 9216, True, kernels_mgpu),
         ("mosaic_gpu", 4096, 6656, True, kernels),  # not served: not a multiple of 1024
-        ("auto", 4096, 16384, True, kernels),  # column chunks: Triton was faster
+        ("auto", 4096, 16384, True, kernels),  # past BWD_GROUP_MAX_COLS: column chunks
+        ("mosaic_gpu", 4096, 16384, True, kernels_mgpu),
         ("triton", 8192, 4096, True, kernels),
         ("reference", 8192, 4096, True, kernels),
     ],
@@ -175,8 +207,8 @@ def _lower(f, *args):
 
 CASES = list(
     itertools.product(
-        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584), (3, 16896)],  # ragged rows; 4 and 2
-        # rows; column chunks
+        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584), (3, 16896), (5, 16384)],  # ragged
+        # rows; 4 and 2 rows; column chunks; two warpgroups
         [BF16, F32],
         [None, "same", F32],  # residual
         [None, BF16],  # weight
@@ -209,8 +241,9 @@ def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
 
 BWD_CASES = list(
     itertools.product(
-        [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584), (5, 7168), (64, 16384)],
-        # G > M at 3 rows; column chunks past BWD_MAX_COLS
+        [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584), (5, 7168), (64, 16384)]
+        + [(3, 12288)],
+        # G > M at 3 rows; past BWD_MAX_COLS, seven and six warpgroups, column chunks
         [BF16, F32],
         [None, BF16],  # weight
         [False, True],  # dh (fused)
@@ -323,10 +356,11 @@ def test_forcing_mosaic_gpu_before_hopper_is_an_error(monkeypatch):
         jax.jit(accel_jax.rmsnorm).trace(x, w)
 
 
-@pytest.mark.parametrize("setting, mosaic", [("mosaic_gpu", 2), ("auto", 0), ("triton", 0)])
+@pytest.mark.parametrize("setting, mosaic", [("mosaic_gpu", 2), ("auto", 1), ("triton", 0)])
 def test_training_step_past_max_cols_through_the_public_op(monkeypatch, setting, mosaic):
     """4096x16384, fused forward and backward as a training step lowers them for CUDA: forced
-    Mosaic GPU runs its two-walk kernels (one launch each), auto the Triton-lowered ones."""
+    Mosaic GPU runs its grouped forward and two-walk backward (one launch each), auto the
+    grouped forward and the Triton-lowered backward."""
     monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
     monkeypatch.setattr(ops, "_STATE", {"interpret": False})
     monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
@@ -340,4 +374,4 @@ def test_training_step_past_max_cols_through_the_public_op(monkeypatch, setting,
     with accel_jax.use_backend(setting):
         text = jax.jit(step).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic
-    assert (text.count("__gpu$xla.gpu.triton") > 0) == (mosaic == 0)
+    assert (text.count("__gpu$xla.gpu.triton") > 0) == (setting != "mosaic_gpu")
