@@ -37,6 +37,7 @@ Triton-lowered kernels.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import jax
@@ -52,6 +53,25 @@ except ImportError as e:  # a JAX without Pallas Mosaic GPU: ops keeps the Trito
     UNAVAILABLE = f"{type(e).__name__}: {e}"
 else:
     UNAVAILABLE = None
+
+# Mosaic GPU's interpret mode (JAX 0.10+; public as plgpu.InterpretGPUParams in later
+# releases): the kernels on the CPU, every warpgroup a thread, shared memory and barriers
+# simulated, with its race detector.
+_InterpretParams = getattr(plgpu, "InterpretGPUParams", None)
+if _InterpretParams is None and plgpu is not None:
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import (
+            InterpretGPUParams as _InterpretParams,
+        )
+    except ImportError:
+        _InterpretParams = None
+INTERPRET_UNAVAILABLE = UNAVAILABLE or (
+    None if _InterpretParams else "this JAX has no Mosaic GPU interpret mode"
+)
+# True while a kernel body is traced for interpret mode: register layouts then mean nothing
+# (the interpreter holds whole arrays) and ``plgpu.load`` / ``layout_cast`` have no CPU
+# implementation, so _load and _cast read refs and pass values as they are.
+_INTERPRETING = contextvars.ContextVar("accel_jax_mgpu_interpreting", default=False)
 
 from accel_jax.kernels import bwd_refs, fwd_out_shape, fwd_outputs, fwd_refs  # noqa: E402
 
@@ -100,6 +120,9 @@ WIDE_MAX_COLS = 16 * WIDE_CHUNK
 # two-walk kernels for all rows past MAX_COLS / BWD_MAX_COLS.
 GROUPED = True
 MAX_GROUPS = 8
+# Two exchange buffers in turn: a warpgroup that has passed row i's barrier may write row
+# i + 1's sums while another still reads row i's (one buffer would race there).
+EXCHANGE_BUFFERS = 2
 GROUP_ROWS = 2
 GROUP_ELEMS = 128
 BWD_GROUP_ELEMS = 16
@@ -203,7 +226,14 @@ def _as_pallas_layout(layout):
 
 def _broadcast(value, shape, dims, layout):
     """value broadcast to shape (its axes at dims) in the rows layout."""
-    return plgpu.layout_cast(lax.broadcast_in_dim(value, shape, dims), _as_pallas_layout(layout))
+    return _cast(lax.broadcast_in_dim(value, shape, dims), layout)
+
+
+def _cast(value, layout):
+    """value in the register layout (as it is, in interpret mode)."""
+    if _INTERPRETING.get():
+        return value
+    return plgpu.layout_cast(value, _as_pallas_layout(layout))
 
 
 def _weight(w_ref, rows, n, vec, weight_offset):
@@ -215,17 +245,36 @@ def _weight(w_ref, rows, n, vec, weight_offset):
 
 
 def _load(ref, layout):
+    if _INTERPRETING.get():
+        return ref[...]
     layout = _as_pallas_layout(layout)
     if _INDEX_ARG:
         return plgpu.load(ref, (), layout=layout, optimized=False)
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
-def _launch(kernel, name: str, out_shape, programs: int, grid_name: str, scratch=(), groups=0):
+def _launch(
+    kernel,
+    name: str,
+    out_shape,
+    programs: int,
+    grid_name: str,
+    scratch=(),
+    groups=0,
+    *,
+    interpret: bool = False,
+):
     """kernel as a Mosaic GPU call over a 1-D grid, named name, with scratch (shared memory
-    refs, after the outputs): one warpgroup per program, or ``groups`` (axis "group")."""
+    refs, after the outputs): one warpgroup per program, or ``groups`` (axis "group");
+    interpret: in Mosaic GPU's interpret mode (CPU), its race detector on."""
     threads = {"num_threads": groups, "thread_name": "group"} if groups else {}
-    return plgpu.kernel(
+    if interpret:
+        if INTERPRET_UNAVAILABLE:
+            raise ValueError(
+                f"the Mosaic GPU kernels cannot run interpreted: {INTERPRET_UNAVAILABLE}"
+            )
+        threads["interpret"] = _InterpretParams(detect_races=True)
+    call = plgpu.kernel(
         _named(kernel, name),
         out_type=out_shape,
         scratch_types=scratch,
@@ -234,6 +283,17 @@ def _launch(kernel, name: str, out_shape, programs: int, grid_name: str, scratch
         compiler_params=_compiler_params(),
         **threads,
     )
+    if not interpret:
+        return call
+
+    def traced_for_interpret(*args):
+        token = _INTERPRETING.set(True)
+        try:
+            return call(*args)
+        finally:
+            _INTERPRETING.reset(token)
+
+    return traced_for_interpret
 
 
 def _named(kernel, name: str):
@@ -306,8 +366,10 @@ def rmsnorm_fwd(
     round_dtype,
     store_h: bool,
     store_rstd: bool,
+    interpret: bool = False,
 ):
-    """Forward kernel, plain or fused residual-add (the signature of kernels.rmsnorm_fwd).
+    """Forward kernel, plain or fused residual-add (the signature of kernels.rmsnorm_fwd;
+    interpret: Mosaic GPU's interpret mode, on the CPU).
 
     x: (M, N) fp32/fp16/bf16 with ``supported(M, N, ...)``. residual: None or (M, N).
     weight: None or (N,). Returns (y (M, N) out_dtype, h (M, N) round_dtype or None,
@@ -347,7 +409,10 @@ def rmsnorm_fwd(
         store_rstd=store_rstd,
     )
     name = "rmsnorm_residual_fwd_mgpu" if has_residual else "rmsnorm_fwd_mgpu"
-    launch = _launch(kernel, name, out_shape, pl.cdiv(m, rows), "rows", scratch, groups)
+    programs = pl.cdiv(m, rows)
+    launch = _launch(
+        kernel, name, out_shape, programs, "rows", scratch, groups, interpret=interpret
+    )
     outs = launch(*inputs)
     if groups:
         outs = [o.reshape(m, n) if o.ndim == 2 else o for o in outs]
@@ -413,7 +478,7 @@ def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_arg
         acc = _bwd_row(refs, pid + i * programs, loaded[0], w, acc, n=n, layout=layout, **row_args)
         return acc, loaded[1:]
 
-    acc = plgpu.layout_cast(jnp.zeros((1, n), F32), _as_pallas_layout(layout))
+    acc = _cast(jnp.zeros((1, n), F32), layout)
     carry = (acc if has_weight else None, tuple(load(i) for i in range(ahead)))
     acc, _ = lax.fori_loop(0, (m - pid + programs - 1) // programs, step, carry)
     if has_weight:
@@ -429,9 +494,12 @@ def bwd_programs(m: int, n: int, groups: int = 0) -> int:
     return max(1, min(m, cap))
 
 
-def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres_dtype):
+def rmsnorm_bwd(
+    dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres_dtype, interpret=False
+):
     """Backward kernel (the signature of kernels.rmsnorm_bwd), dweight's (G, N) fp32
-    partials summed by XLA, in the same order every run.
+    partials summed by XLA, in the same order every run; interpret: Mosaic GPU's interpret
+    mode, on the CPU.
 
     dy: (M, N) cotangent of y. x: (M, N) the normalized input (x, or h when fused), with
     ``supported_bwd(M, N, ...)``. rstd: (M,) fp32. weight: None or (N,). dh: None or (M, N)
@@ -475,7 +543,10 @@ def rmsnorm_bwd(dy, x, rstd, weight, dh, *, weight_offset: float, dx_dtype, dres
         has_dh=has_dh,
         store_dres=store_dres,
     )
-    launch = _launch(kernel, "rmsnorm_bwd_mgpu", out_shape, programs, "programs", scratch, groups)
+    name = "rmsnorm_bwd_mgpu"
+    launch = _launch(
+        kernel, name, out_shape, programs, "programs", scratch, groups, interpret=interpret
+    )
     outs = list(launch(*inputs))
     if has_weight:
         dweight = jnp.sum(outs.pop().reshape(programs, n), axis=0).astype(weight.dtype)
@@ -575,9 +646,7 @@ def _bwd_wide_kernel(*refs, m, n, chunk, vec, programs, weight_offset, has_weigh
 
     if has_weight:
         for j in range(q):
-            acc_ref[pl.ds(j, 1)] = plgpu.layout_cast(
-                jnp.zeros((1, chunk), F32), _as_pallas_layout(layout)
-            )
+            acc_ref[pl.ds(j, 1)] = _cast(jnp.zeros((1, chunk), F32), layout)
 
     def loaded(r, j):
         at = pl.ds(r * q + j, 1)
@@ -667,11 +736,15 @@ def _segment_view(arrays, weight, segments: int):
 
 
 def _exchange_scratch(groups: int, rows: int = 0):
-    """Shared memory for the segment sums of W warpgroups (two buffers, used in turn by
-    consecutive rows), R fp32 rstd to store (rows > 0), and the barrier all threads arrive
-    at."""
+    """Shared memory for the segment sums of W warpgroups (EXCHANGE_BUFFERS buffers, used in
+    turn by consecutive rows), R fp32 rstd to store (rows > 0), and the barrier all threads
+    arrive at."""
     rstd = (plgpu.SMEM((rows,), F32),) if rows else ()
-    return (plgpu.SMEM((2, groups, 4), F32), *rstd, plgpu.Barrier(num_arrivals=groups))
+    return (
+        plgpu.SMEM((EXCHANGE_BUFFERS, groups, 4), F32),
+        *rstd,
+        plgpu.Barrier(num_arrivals=groups),
+    )
 
 
 def _row_total(parts_ref, first: int, count: int):
@@ -768,7 +841,7 @@ def _bwd_grouped_kernel(*refs, m, n, vec, programs, groups, weight_offset, has_w
         loaded = (*loaded, load(i + BWD_PREFETCH))
         x, dy = (a.astype(F32) for a in loaded[0][:2])
         g = dy if w is None else dy * w
-        parts = parts_ref.at[i % 2]
+        parts = parts_ref.at[i % EXCHANGE_BUFFERS]
         _meet(parts, barrier, jnp.sum(g * x, axis=1))
         rstd = _broadcast(loaded[0][2], x.shape, (), layout)
         mean_gx = _broadcast(_row_total(parts, 0, groups) / n, x.shape, (), layout) * rstd
@@ -776,7 +849,7 @@ def _bwd_grouped_kernel(*refs, m, n, vec, programs, groups, weight_offset, has_w
         xhat = _store_dx(refs, block(r), x, g, rstd, mean_gx, layout, has_dh, store_dres)
         return (None if acc is None else acc + dy * xhat), loaded[1:]
 
-    acc = plgpu.layout_cast(jnp.zeros((4, n // segments), F32), _as_pallas_layout(layout))
+    acc = _cast(jnp.zeros((4, n // segments), F32), layout)
     carry = (acc if has_weight else None, tuple(load(i) for i in range(BWD_PREFETCH)))
     acc, _ = lax.fori_loop(0, (m - pid + programs - 1) // programs, step, carry)
     if has_weight:

@@ -2,7 +2,9 @@
 
 Dispatch, decided when a call is traced:
 - ``interpret=True`` (or ``ACCEL_INTERPRET=1`` / ``set_interpret(True)``): the Pallas kernels
-  run in Pallas interpret mode (any backend, CPU included);
+  run in Pallas interpret mode (any backend, CPU included): the Triton-lowered ones, or with
+  ``ACCEL_JAX_BACKEND=mosaic_gpu`` the Mosaic GPU ones wherever they serve the shape (Mosaic
+  GPU's interpret mode, its race detector on);
 - x on a GPU (``jax.default_backend()`` under tracing): the compiled Pallas kernels, the
   Triton-lowered ones or, for the forward, Mosaic GPU's (``accel_jax.backends``:
   ``ACCEL_JAX_BACKEND`` picks or forces one, ``reference`` forces the reference math);
@@ -112,7 +114,7 @@ def _mode(x, interpret, wide: bool) -> str:
     if choice == "reference" and not interpret:
         return "reference"
     if interpret:
-        return "interpret"
+        return "interpret-mosaic_gpu" if choice == "mosaic_gpu" else "interpret"
     backends.check_forced(choice)
     quiet_triton_deprecation()
     return "pallas" if choice == "auto" else f"pallas-{choice}"
@@ -130,7 +132,8 @@ class _Spec:
     x_dtype: Any
     res_dtype: Any  # residual input dtype, None when not fused
     return_residual: bool
-    mode: str  # "pallas" (or "pallas-triton" / "pallas-mosaic_gpu") | "interpret" | "reference"
+    mode: str  # "pallas" (or "pallas-triton" / "pallas-mosaic_gpu") | "interpret" (or
+    # "interpret-mosaic_gpu") | "reference"
     axis_name: Any = None  # named axes splitting the hidden axis (Flax's axis_name)
 
 

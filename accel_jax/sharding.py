@@ -36,7 +36,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accel_jax import backends, kernels
+from accel_jax import backends
 from accel_jax.reference import reference_bwd, reference_fwd
 
 F32 = jnp.float32
@@ -53,7 +53,7 @@ class Fwd:
     round_dtype: Any
     need_h: bool
     save: bool
-    mode: str  # "pallas" (or "pallas-triton" / "pallas-mosaic_gpu") | "interpret" | "reference"
+    mode: str  # ops._Spec.mode
     has_residual: bool
     has_weight: bool
 
@@ -187,6 +187,14 @@ def _two_phase_fwd(cfg: Fwd, x, residual, weight, hidden):
     return y.astype(cfg.out_dtype), h, rstd
 
 
+def _kernel_choice(mode: str) -> tuple[bool, str]:
+    """(interpret, backend setting) of a kernel mode: "interpret" runs the Triton-lowered
+    kernels interpreted, "interpret-mosaic_gpu" Mosaic GPU's where they serve the shape."""
+    if mode == "interpret":
+        return True, "triton"
+    return mode.startswith("interpret"), backends.from_mode(mode)
+
+
 def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
     """Forward of one device's block; returns (y, h or None, rstd (x.shape[:-1]) or None).
 
@@ -200,16 +208,12 @@ def local_fwd(cfg: Fwd, x, residual, weight, hidden=()):
         n, lead = x.shape[-1], x.shape[:-1]
         r2 = residual.reshape(-1, n) if residual is not None else None
         args = dict(store_h=cfg.need_h, store_rstd=cfg.save, **fwd_args(cfg))
-        if cfg.mode == "interpret":
-            y, h, rstd = kernels.rmsnorm_fwd(x.reshape(-1, n), r2, weight, interpret=True, **args)
-        else:
-            dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
-            dtypes += [cfg.out_dtype, cfg.round_dtype]
-            fused = residual is not None
-            choice = backends.from_mode(cfg.mode)
-            chosen = backends.forward_kernels(math.prod(lead), n, fused, dtypes, choice)
-            extra = {"interpret": False} if chosen is kernels else {}
-            y, h, rstd = chosen.rmsnorm_fwd(x.reshape(-1, n), r2, weight, **args, **extra)
+        dtypes = [a.dtype for a in (x, residual, weight) if a is not None]
+        dtypes += [cfg.out_dtype, cfg.round_dtype]
+        fused = residual is not None
+        interpret, choice = _kernel_choice(cfg.mode)
+        chosen = backends.forward_kernels(math.prod(lead), n, fused, dtypes, choice)
+        y, h, rstd = chosen.rmsnorm_fwd(x.reshape(-1, n), r2, weight, **args, interpret=interpret)
         y = y.reshape(x.shape)
         h = h.reshape(x.shape) if h is not None else None
         rstd = rstd.reshape(lead) if rstd is not None else None
@@ -249,15 +253,13 @@ def _rows_bwd(cfg: Bwd, dy, x, rstd, weight, dh, dw32: bool):
         dy2, x2, dh2 = flat
         if cfg.mode == "reference":
             return reference_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args)
-        if cfg.mode == "interpret":
-            return kernels.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, interpret=True, **args)
         dtypes = [a.dtype for a in (dy2, x2, w, dh2) if a is not None] + [cfg.dx_dtype]
         dtypes += [cfg.dres_dtype] if cfg.dres_dtype is not None else []
+        interpret, choice = _kernel_choice(cfg.mode)
         # vmapped (cfg.keep): the Triton-lowered kernels, which Pallas batches over a grid axis
-        choice = backends.from_mode(cfg.mode) if not cfg.keep else "triton"
+        choice = choice if not cfg.keep else "triton"
         chosen = backends.backward_kernels(x2.shape[0], n, dtypes, choice)
-        extra = {"interpret": False} if chosen is kernels else {}
-        return chosen.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args, **extra)
+        return chosen.rmsnorm_bwd(dy2, x2, rstd.reshape(-1), w, dh2, **args, interpret=interpret)
 
     lead = x.shape[: cfg.keep]
     if cfg.keep:

@@ -1,7 +1,8 @@
 """The Mosaic GPU forward on this CPU machine: which shapes it serves, which backend each
 call gets, and that every kernel variant lowers for CUDA (``jax.export`` runs the
-Pallas-to-Mosaic-GPU lowering without a GPU). Its values are checked on the GPU
-(tests/jax/test_gpu_mgpu.py)."""
+Pallas-to-Mosaic-GPU lowering without a GPU). Its values are checked in
+tests/jax/test_mgpu_values.py (interpreted here, compiled on the GPU), and here that the
+interpreter's race detector sees a race planted in the kernels."""
 
 import itertools
 
@@ -375,3 +376,66 @@ def test_training_step_past_max_cols_through_the_public_op(monkeypatch, setting,
         text = jax.jit(step).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic
     assert (text.count("__gpu$xla.gpu.triton") > 0) == (setting != "mosaic_gpu")
+
+
+def _races_found() -> bool:
+    """Whether Mosaic GPU's interpret mode saw a race in the last kernel it ran."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    except ImportError as e:
+        pytest.skip(f"this JAX's race detector state is out of reach: {e}")
+    return interpret_pallas_call.get_races().races_found
+
+
+# One of each kernel: rows in registers, in warpgroups (grouped) and in column chunks.
+RACE_SHAPES = [(5, 1024), (3, 12288), (3, 16896), (5, 6144), (3, 9216)]
+
+
+def _run_interpreted(m, n):
+    """The forward (saving rstd) and, where served, the backward of (M, N) bf16, each
+    interpreted; returns whether each saw a race."""
+    x = jax.random.normal(jax.random.key(0), (m, n), BF16)
+    w = jax.random.normal(jax.random.key(1), (n,), BF16)
+    races = []
+    if kernels_mgpu.supported(m, n, BF16):
+        args = dict(eps=1e-6, weight_offset=0.0, llama=False, out_dtype=BF16, round_dtype=BF16)
+        out = kernels_mgpu.rmsnorm_fwd(
+            x, x, w, **args, store_h=True, store_rstd=True, interpret=True
+        )
+        jax.block_until_ready(out)
+        races.append(_races_found())
+    if kernels_mgpu.supported_bwd(m, n, BF16):
+        rstd = jnp.ones((m,), F32)
+        out = kernels_mgpu.rmsnorm_bwd(
+            x, x, rstd, w, None, weight_offset=0.0, dx_dtype=BF16, dres_dtype=None, interpret=True
+        )
+        jax.block_until_ready(out)
+        races.append(_races_found())
+    return races
+
+
+@pytest.mark.skipif(kernels_mgpu.INTERPRET_UNAVAILABLE is not None, reason="no interpret mode")
+@pytest.mark.parametrize("shape", RACE_SHAPES, ids=str)
+def test_interpreted_kernels_see_no_race(monkeypatch, shape):
+    monkeypatch.setattr(kernels_mgpu, "BWD_MAX_PROGRAMS", 2)
+    monkeypatch.setattr(kernels_mgpu, "BWD_GROUP_PROGRAMS", 2)
+    races = _run_interpreted(*shape)
+    assert races and not any(races)
+
+
+@pytest.mark.skipif(kernels_mgpu.INTERPRET_UNAVAILABLE is not None, reason="no interpret mode")
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((3, 12288), [True, True]), ((5, 6144), [False, True])],  # 6144: two rows per forward
+    ids=str,
+)
+def test_race_detector_sees_a_missing_barrier(monkeypatch, shape, expected):
+    """The grouped kernels with the barrier taken out of the segment sums' exchange: every
+    warpgroup then reads the others' sums unordered with their writes (the forward at 6144
+    columns holds its rows in one warpgroup: nothing to race)."""
+
+    def meet_without_barrier(parts_ref, barrier, part):
+        parts_ref[jax.lax.axis_index("group")] = part
+
+    monkeypatch.setattr(kernels_mgpu, "_meet", meet_without_barrier)
+    assert _run_interpreted(*shape) == expected

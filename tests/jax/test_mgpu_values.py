@@ -1,8 +1,15 @@
-"""The Mosaic GPU forward and backward at real sizes on a GPU (marked gpu; skipped elsewhere),
-through the public ops with ACCEL_JAX_BACKEND=mosaic_gpu, against the float64 reference.
+"""The Mosaic GPU forward and backward through the public ops with
+ACCEL_JAX_BACKEND=mosaic_gpu, against the float64 reference: on a GPU compiled, at real sizes
+(marked gpu) and small ones; on the CPU the small ones in Mosaic GPU's interpret mode (every
+warpgroup a thread, shared memory and barriers simulated), each kernel variant at least once:
+rows in registers (4 or 2 rows a program), rows in several warpgroups (the grouped kernels)
+and rows in column chunks (the two-walk kernels), ragged row counts, and backward programs
+that each walk several rows.
 
-Run: python -m pytest -q -m gpu tests/jax/test_gpu_mgpu.py
+Run on a GPU: python -m pytest -q -m gpu tests/jax/test_mgpu_values.py
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,36 +28,61 @@ from tests.jax.helpers import (
     rand,
 )
 
-pytestmark = pytest.mark.gpu
+ON_GPU = jax.default_backend() == "gpu"
+pytestmark = pytest.mark.skipif(
+    kernels_mgpu.UNAVAILABLE is not None, reason="this JAX has no Pallas Mosaic GPU"
+)
+
+
+def _shapes(small, real):
+    """Small shapes (every machine) and real sizes (marked gpu)."""
+    return [pytest.param(s, id=f"small{s}") for s in small] + [
+        pytest.param(s, id=str(s), marks=pytest.mark.gpu) for s in real
+    ]
+
 
 # Ragged row counts (the last program starts early), 4 and 2 rows per program; rows past
 # MAX_COLS held by two warpgroups (12288, 16384) or in column chunks (16896: no split into
 # whole segments; four chunks and a narrower last one).
-SHAPES = [(2048, 4096), (8195, 4096), (4096, 5120), (1027, 8192), (4097, 3584), (4, 256)]
-SHAPES += [(1027, 12288), (1027, 16384), (33, 16896)]
+SHAPES = _shapes(
+    [(7, 512), (3, 5120), (3, 12288), (3, 16896)],
+    [(2048, 4096), (8195, 4096), (4096, 5120), (1027, 8192), (4097, 3584), (4, 256)]
+    + [(1027, 12288), (1027, 16384), (33, 16896)],
+)
 DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
+# Backward programs on the CPU: this few, so that each walks several rows (on a GPU the
+# real sizes have more rows than programs).
+CPU_BWD_PROGRAMS = 2
 
 
 @pytest.fixture(autouse=True)
 def _mosaic_gpu(monkeypatch):
-    if jax.default_backend() != "gpu":
-        pytest.skip("needs JAX with a CUDA GPU")
+    """ACCEL_JAX_BACKEND=mosaic_gpu, compiled on a GPU, interpreted elsewhere."""
+    if not ON_GPU:
+        if kernels_mgpu.INTERPRET_UNAVAILABLE:
+            pytest.skip(f"needs a CUDA GPU ({kernels_mgpu.INTERPRET_UNAVAILABLE})")
+        monkeypatch.setattr(kernels_mgpu, "BWD_MAX_PROGRAMS", CPU_BWD_PROGRAMS)
+        monkeypatch.setattr(kernels_mgpu, "BWD_GROUP_PROGRAMS", CPU_BWD_PROGRAMS)
+        jax.clear_caches()  # no op traced under other program counts is reused
     previous = accel_jax.get_interpret()
-    accel_jax.set_interpret(False)
+    accel_jax.set_interpret(not ON_GPU)
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "mosaic_gpu")
     yield
     accel_jax.set_interpret(previous)
-
-
-def _uses_mosaic_gpu(f, *args) -> bool:
-    return "mosaic_gpu" in jax.jit(f).lower(*args).as_text()
+    if not ON_GPU:
+        jax.clear_caches()
 
 
 def _mosaic_gpu_calls(f, *args) -> int:
-    return jax.jit(f).lower(*args).as_text().count("stablehlo.custom_call @mosaic_gpu")
+    """Mosaic GPU kernels in f's program (they are named *_mgpu), compiled or interpreted."""
+    return len(re.findall(r"\brmsnorm\w*_mgpu\b", str(jax.make_jaxpr(f)(*args))))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def _uses_mosaic_gpu(f, *args) -> bool:
+    return _mosaic_gpu_calls(f, *args) > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_forward(shape, dtype):
     n = shape[-1]
@@ -67,7 +99,7 @@ def test_forward(shape, dtype):
     assert_output_close(jax.jit(accel_jax.rmsnorm)(x), fwd64(x)[0])
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
 def test_fused(shape):
     n = shape[-1]
     x = rand(3, shape, jnp.bfloat16)
@@ -92,10 +124,14 @@ def test_fused(shape):
 # past BWD_MAX_COLS held by several warpgroups (7168: seven, 8192: four, 12288: six) or in
 # column chunks (9216: no split into whole segments, 3072-column chunks; 16384: past
 # BWD_GROUP_MAX_COLS, 4096-column chunks).
-BWD_SHAPES = [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
-BWD_SHAPES += [(1027, 7168), (130, 8192), (257, 12288), (300, 16384), (3, 9216)]
+BWD_SHAPES = _shapes(
+    [(5, 1024), (3, 5120), (5, 6144), (3, 9216)],
+    [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
+    + [(1027, 7168), (130, 8192), (257, 12288), (300, 16384), (3, 9216)],
+)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "auto"])
 @pytest.mark.parametrize("shape", [(8195, 4096), (2051, 5120)], ids=str)
 def test_fused_backward_from_its_saved_rstd(monkeypatch, shape, backend):
@@ -121,7 +157,7 @@ def test_fused_backward_from_its_saved_rstd(monkeypatch, shape, backend):
     assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
 
 
-@pytest.mark.parametrize("shape", BWD_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", BWD_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_backward(shape, dtype):
     n = shape[-1]
@@ -145,7 +181,7 @@ def test_backward(shape, dtype):
     assert_grad_close(dx, ref, cx, what="dx without weight")
 
 
-@pytest.mark.parametrize("shape", [(4099, 1024), (1027, 4096)], ids=str)
+@pytest.mark.parametrize("shape", _shapes([(5, 1024), (5, 6144)], [(4099, 1024), (1027, 4096)]))
 def test_fused_backward_with_fp32_residual(shape):
     """d residual written in fp32 beside dx in bf16, both with dh added."""
     n = shape[-1]
@@ -169,6 +205,7 @@ def test_fused_backward_with_fp32_residual(shape):
     assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
 
 
+@pytest.mark.gpu
 def test_auto_picks_mosaic_gpu_for_large_fused_on_hopper(monkeypatch):
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "auto")
     hopper = backends.hopper_or_newer()
@@ -179,6 +216,7 @@ def test_auto_picks_mosaic_gpu_for_large_fused_on_hopper(monkeypatch):
     assert not _uses_mosaic_gpu(fused, x[:256])
 
 
+@pytest.mark.gpu
 def test_auto_picks_mosaic_gpu_for_the_plain_forward_at_4608_to_7168_columns(monkeypatch):
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "auto")
     hopper = backends.hopper_or_newer()
