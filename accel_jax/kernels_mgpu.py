@@ -68,7 +68,7 @@ if _InterpretParams is None and plgpu is not None:
 INTERPRET_UNAVAILABLE = UNAVAILABLE or (
     None if _InterpretParams else "this JAX has no Mosaic GPU interpret mode"
 )
-# True while a kernel body is traced for interpret mode: register layouts then mean nothing
+# True while a kernel body is traced for interpret mode (_named): register layouts mean nothing
 # (the interpreter holds whole arrays) and ``plgpu.load`` / ``layout_cast`` have no CPU
 # implementation, so _load and _cast read refs and pass values as they are.
 _INTERPRETING = contextvars.ContextVar("accel_jax_mgpu_interpreting", default=False)
@@ -274,8 +274,8 @@ def _launch(
                 f"the Mosaic GPU kernels cannot run interpreted: {INTERPRET_UNAVAILABLE}"
             )
         threads["interpret"] = _InterpretParams(detect_races=True)
-    call = plgpu.kernel(
-        _named(kernel, name),
+    return plgpu.kernel(
+        _named(kernel, name, interpret),
         out_type=out_shape,
         scratch_types=scratch,
         grid=(programs,),
@@ -283,24 +283,18 @@ def _launch(
         compiler_params=_compiler_params(),
         **threads,
     )
-    if not interpret:
-        return call
-
-    def traced_for_interpret(*args):
-        token = _INTERPRETING.set(True)
-        try:
-            return call(*args)
-        finally:
-            _INTERPRETING.reset(token)
-
-    return traced_for_interpret
 
 
-def _named(kernel, name: str):
-    """kernel under a function name (Mosaic GPU names the kernel after it)."""
+def _named(kernel, name: str, interpret: bool = False):
+    """kernel under a function name (Mosaic GPU names the kernel after it), traced for
+    interpret mode where asked (each time it is traced: vmap traces it again)."""
 
     def body(*refs):
-        kernel(*refs)
+        token = _INTERPRETING.set(interpret)
+        try:
+            kernel(*refs)
+        finally:
+            _INTERPRETING.reset(token)
 
     body.__name__ = body.__qualname__ = name
     return body

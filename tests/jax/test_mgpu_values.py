@@ -120,6 +120,37 @@ def test_fused(shape):
         assert_output_close(y, ref)
 
 
+@pytest.mark.parametrize("shape", _shapes([(2, 7, 512), (2, 3, 12288)], [(3, 2048, 4096)]))
+def test_vmap(monkeypatch, shape):
+    """vmap over a leading axis: Pallas batches the Mosaic GPU kernels over one more grid
+    axis (the kernel traced again); the weight batched too. The vmapped backward runs the
+    Triton-lowered kernels (sharding.Bwd.keep)."""
+    traced = []  # the (M, N) of each Mosaic GPU forward traced (batched, it is renamed)
+    forward = kernels_mgpu.rmsnorm_fwd
+    monkeypatch.setattr(
+        kernels_mgpu,
+        "rmsnorm_fwd",
+        lambda x, *a, **k: traced.append(x.shape) or forward(x, *a, **k),
+    )
+    jax.clear_caches()
+    n = shape[-1]
+    x = rand(21, shape, jnp.bfloat16)
+    r = rand(22, shape, jnp.bfloat16)
+    w = rand(23, (shape[0], n), jnp.bfloat16, scale=0.2, shift=1.0)
+
+    def f(x, r, w):
+        return accel_jax.rmsnorm_residual_fused(x, r, w, weight_offset=0.5, return_residual=True)
+
+    y, h = jax.jit(jax.vmap(f))(x, r, w)
+    plain = jax.jit(jax.vmap(lambda x, w: accel_jax.rmsnorm(x, w, casting="llama")))(x, w)
+    assert traced == [shape[1:], shape[1:]]
+    for i in range(shape[0]):
+        ref, h64, _ = fwd64(x[i], r[i], w[i], weight_offset=0.5)
+        np.testing.assert_array_equal(f64(h[i]), h64)
+        assert_output_close(y[i], ref)
+        assert_llama_close(plain[i], x[i], w[i])
+
+
 # Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns;
 # past BWD_MAX_COLS held by several warpgroups (7168: seven, 8192: four, 12288: six) or in
 # column chunks (9216: no split into whole segments, 3072-column chunks; 16384: past
