@@ -266,7 +266,8 @@ def _launch(
 ):
     """kernel as a Mosaic GPU call over a 1-D grid, named name, with scratch (shared memory
     refs, after the outputs): one warpgroup per program, or ``groups`` (axis "group");
-    interpret: in Mosaic GPU's interpret mode (CPU), its race detector on."""
+    interpret: in Mosaic GPU's interpret mode (CPU), its race detector on. Inside shard_map
+    the outputs are typed varying over the inputs' mesh axes, as check_vma needs."""
     threads = {"num_threads": groups, "thread_name": "group"} if groups else {}
     if interpret:
         if INTERPRET_UNAVAILABLE:
@@ -274,15 +275,31 @@ def _launch(
                 f"the Mosaic GPU kernels cannot run interpreted: {INTERPRET_UNAVAILABLE}"
             )
         threads["interpret"] = _InterpretParams(detect_races=True)
-    return plgpu.kernel(
-        _named(kernel, name, interpret),
-        out_type=out_shape,
-        scratch_types=scratch,
-        grid=(programs,),
-        grid_names=(grid_name,),
-        compiler_params=_compiler_params(),
-        **threads,
-    )
+
+    def call(*inputs):
+        outs = plgpu.kernel(
+            _named(kernel, name, interpret),
+            out_type=out_shape,
+            scratch_types=scratch,
+            grid=(programs,),
+            grid_names=(grid_name,),
+            compiler_params=_compiler_params(),
+            **threads,
+        )(*inputs)
+        return _varying_like(outs, inputs)
+
+    return call
+
+
+def _varying_like(outs, inputs):
+    """outs typed varying over the inputs' manual mesh axes (inside shard_map, where
+    check_vma needs them; Mosaic GPU types a kernel's outputs invariant whatever its
+    out_type says). A change of type only, never differentiated: the ops' custom_vjp and
+    custom_jvp rules stand in for the kernels' derivatives."""
+    varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in inputs))
+    if not varying:
+        return outs
+    return jax.tree.map(lambda o: jax.lax.pcast(o, tuple(sorted(varying)), to="varying"), outs)
 
 
 def _named(kernel, name: str, interpret: bool = False):

@@ -2,14 +2,17 @@
 
 Run by tests/jax/test_sharding.py (XLA_FLAGS must be set before JAX starts):
 ``python -m tests.jax.sharding_checks PATH GROUP`` with PATH "reference" | "interpret" |
-"kernels" (compiled, on GPUs) and GROUP "modes" | "transforms" | "flax". Uses every device
+"kernels" (compiled, on GPUs), or "interpret-mosaic_gpu" | "kernels-mosaic_gpu" (the Mosaic
+GPU kernels, at 1024 columns), and GROUP "modes" | "transforms" | "flax". Uses every device
 (8 forced host CPU devices in CI, or the GPUs): 1-D (D) and 2-D (2 x D/2) meshes, Auto and
 Explicit axis types, and a user's shard_map. Prints OK last.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
 import re
 import sys
 
@@ -20,13 +23,36 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import accel_jax
+from accel_jax import kernels_mgpu
 from tests.jax.helpers import assert_grad_close, assert_output_close, bwd64, f64, fwd64, rand
 
 PATH, GROUP = sys.argv[1], sys.argv[2]
-accel_jax.set_interpret(PATH == "interpret")
+# "...-mosaic_gpu": the Mosaic GPU kernels (compiled or interpreted), at a width they serve
+MOSAIC_GPU = PATH.endswith("-mosaic_gpu")
+if MOSAIC_GPU:
+    os.environ["ACCEL_JAX_BACKEND"] = "mosaic_gpu"
+accel_jax.set_interpret(PATH.startswith("interpret"))
 D = jax.device_count()
 assert D >= 2 and D % 2 == 0, jax.devices()
-SHAPE = (8, 4, 16)  # rows 32 split up to 8 ways, hidden 16 split up to 8 ways
+# rows 32 split up to 8 ways, hidden 16 (1024) split up to 8 ways
+SHAPE = (8, 4, 1024) if MOSAIC_GPU else (8, 4, 16)
+# Mosaic GPU's interpret mode calls back to the host with ordered effects, which
+# custom_partitioning (the Auto axes' path) cannot lower: there, Explicit axes and shard_map.
+INTERPRETED_MOSAIC_GPU = MOSAIC_GPU and PATH.startswith("interpret")
+AXIS_TYPES = (AxisType.Explicit,) if INTERPRETED_MOSAIC_GPU else (AxisType.Auto, AxisType.Explicit)
+TRACED = collections.Counter()  # Mosaic GPU kernels traced, by name
+
+
+def _counted(name, kernel):
+    def traced(*args, **kwargs):
+        TRACED[name] += 1
+        return kernel(*args, **kwargs)
+
+    return traced
+
+
+for _name in ("rmsnorm_fwd", "rmsnorm_bwd"):
+    setattr(kernels_mgpu, _name, _counted(_name, getattr(kernels_mgpu, _name)))
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -109,7 +135,7 @@ def check_modes():
     ]
     single = [fused_vjp(**kw)(xi, r, w, dy.astype(xi.dtype)) for xi, kw in configs]
     fwd = jax.jit(lambda x, w: accel_jax.rmsnorm(x, w))
-    for axis_type in (AxisType.Auto, AxisType.Explicit):
+    for axis_type in AXIS_TYPES:
         for mesh in meshes(axis_type):
             for spec, rows, hidden in cases(mesh):
                 s = functools.partial(sharded, mesh=mesh, spec=spec)
@@ -174,7 +200,7 @@ def check_shard_map(x, r, w, dy):
         g = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, P(), spec), out_specs=outs)
         jaxpr = str(jax.make_jaxpr(g)(*args))
         # the kernels' outputs are typed varying over both axes (local rows: 4 x 1)
-        assert "ShapedArray(float32[4,16]{V:(data,model)})" in jaxpr, jaxpr[-2000:]
+        assert f"ShapedArray(float32[4,{SHAPE[-1]}]{{V:(data,model)}})" in jaxpr, jaxpr[-2000:]
 
 
 def check_transforms():
@@ -199,7 +225,7 @@ def check_transforms():
     grad = jax.jit(jax.grad(batched, argnums=(0, 1, 2)))
     pe = jax.jit(per_example)
     g1, pe1 = grad(x, r, ws), pe(x, r, ws)
-    for axis_type in (AxisType.Auto, AxisType.Explicit):
+    for axis_type in AXIS_TYPES:
         mesh = meshes(axis_type)[-1]
         for spec in (P(mesh.axis_names[0]), P(None, None, mesh.axis_names[-1])):
             args = (sharded(x, mesh, spec), sharded(r, mesh, spec), sharded(ws, mesh, P()))
@@ -292,4 +318,7 @@ def check_flax():
 
 
 {"modes": check_modes, "transforms": check_transforms, "flax": check_flax}[GROUP]()
+if MOSAIC_GPU:  # the forward and the backward ran the Mosaic GPU kernels
+    print("Mosaic GPU kernels traced:", dict(TRACED))
+    assert TRACED["rmsnorm_fwd"] and TRACED["rmsnorm_bwd"], TRACED
 print("OK")

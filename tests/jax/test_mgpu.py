@@ -9,6 +9,8 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import accel_jax
 from accel_jax import backends, kernels, kernels_mgpu, ops
@@ -323,6 +325,37 @@ def test_public_op_dispatches_to_mosaic_gpu_when_forced(monkeypatch):
     monkeypatch.setenv("ACCEL_JAX_BACKEND", "reference")
     text = lowered(True)
     assert "mosaic_gpu" not in text and "triton" not in text
+
+
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu" or not _jaxlib_lowers_without_compiling(),
+    reason="CPU-only check of the lowering (GPU runs compile for real)",
+)
+@pytest.mark.parametrize("setting, mosaic", [("mosaic_gpu", 2), ("auto", 1)])
+def test_gradient_inside_shard_map_with_check_vma(monkeypatch, setting, mosaic):
+    """A training step inside a user's shard_map, check_vma on (its default), on Hopper:
+    the Mosaic GPU kernels' outputs typed varying like their inputs (Mosaic GPU types them
+    invariant; the vjp of the fused op then failed with "unexpected JAX type"). auto: the
+    Mosaic GPU fused forward (2048 rows a device), the Triton-lowered backward (1024
+    columns)."""
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "_STATE", {"interpret": False})
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
+    monkeypatch.setenv("ACCEL_JAX_BACKEND", setting)
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    spec = P("data", "model")
+
+    def step(x, r, w, dy):
+        f = lambda x, r, w: accel_jax.rmsnorm_residual_fused(x, r, w, return_residual=True)  # noqa: E731
+        (y, h), vjp = jax.vjp(f, x, r, w)
+        return (y, h, *vjp((dy, h)))
+
+    specs = (spec, spec, P(), spec)
+    f = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(spec,) * 4 + (P(),))
+    x = jax.ShapeDtypeStruct((1, 2048, 1024), BF16, sharding=NamedSharding(mesh, spec))
+    w = jax.ShapeDtypeStruct((1024,), F32, sharding=NamedSharding(mesh, P()))
+    text = jax.jit(f).trace(x, x, w, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic
 
 
 def test_use_backend_wins_over_the_environment_and_nests(monkeypatch):

@@ -1,8 +1,9 @@
 """accel_jax on many devices (tests/jax/sharding_checks.py, each group in a fresh process).
 
 On a CPU: 8 host devices (``--xla_force_host_platform_device_count=8``, set before JAX
-starts), the reference path and the interpreted kernels. On a machine with several GPUs:
-the GPUs and the compiled kernels, unchanged.
+starts), the reference path and the interpreted kernels (the Triton-lowered ones, and the
+Mosaic GPU ones at a width they serve, on Explicit axes and in shard_map). On a machine
+with several GPUs: the GPUs and the compiled kernels, unchanged.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import sys
 import jax
 import pytest
 
+from accel_jax import backends, kernels_mgpu
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ON_GPUS = jax.default_backend() == "gpu" and jax.device_count() > 1
-PATHS = ("kernels",) if ON_GPUS else ("reference", "interpret")
+PATHS = ("kernels", "kernels-mosaic_gpu")
+if not ON_GPUS:
+    PATHS = ("reference", "interpret", "interpret-mosaic_gpu")
 GROUPS = ("modes", "transforms", "flax")
 
 
@@ -49,6 +54,13 @@ def test_many_devices(path, group):
     scan, checkpoint and grad; Flax linen and nnx models, and Flax's axis_name."""
     if path == "interpret" and group == "flax":
         pytest.skip("the Flax checks exercise the sharding layer, not the kernels: reference only")
+    if path.endswith("-mosaic_gpu") and group != "modes":
+        # (and interpreted, its ordered effects are beyond jax.checkpoint's partial eval)
+        pytest.skip("the Mosaic GPU kernels under the modes group's placements only")
+    if path == "interpret-mosaic_gpu" and kernels_mgpu.INTERPRET_UNAVAILABLE:
+        pytest.skip(f"no Mosaic GPU interpret mode: {kernels_mgpu.INTERPRET_UNAVAILABLE}")
+    if path == "kernels-mosaic_gpu" and not backends.hopper_or_newer():
+        pytest.skip("the Mosaic GPU kernels need compute capability 9.0 or newer")
     run_checks(path, group)
 
 
