@@ -297,9 +297,12 @@ def _varying_like(outs, inputs):
     out_type says). A change of type only, never differentiated: the ops' custom_vjp and
     custom_jvp rules stand in for the kernels' derivatives."""
     varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in inputs))
-    if not varying:
-        return outs
-    return jax.tree.map(lambda o: jax.lax.pcast(o, tuple(sorted(varying)), to="varying"), outs)
+
+    def cast(o):
+        missing = tuple(sorted(varying - jax.typeof(o).manual_axis_type.varying))
+        return jax.lax.pcast(o, missing, to="varying") if missing else o
+
+    return jax.tree.map(cast, outs) if varying else outs
 
 
 def _named(kernel, name: str, interpret: bool = False):
