@@ -120,35 +120,56 @@ def test_fused(shape):
         assert_output_close(y, ref)
 
 
-@pytest.mark.parametrize("shape", _shapes([(2, 7, 512), (2, 3, 12288)], [(3, 2048, 4096)]))
+@pytest.mark.parametrize("shape", _shapes([(2, 5, 1024), (2, 3, 12288)], [(3, 2048, 4096)]))
 def test_vmap(monkeypatch, shape):
-    """vmap over a leading axis: Pallas batches the Mosaic GPU kernels over one more grid
-    axis (the kernel traced again); the weight batched too. The vmapped backward runs the
-    Triton-lowered kernels (sharding.Bwd.keep)."""
-    traced = []  # the (M, N) of each Mosaic GPU forward traced (batched, it is renamed)
-    forward = kernels_mgpu.rmsnorm_fwd
-    monkeypatch.setattr(
-        kernels_mgpu,
-        "rmsnorm_fwd",
-        lambda x, *a, **k: traced.append(x.shape) or forward(x, *a, **k),
-    )
+    """vmap over a leading axis on one device: Pallas batches the Mosaic GPU kernels over
+    one more grid axis (each kernel traced again). The forward with a batched weight; the
+    fused op's gradients with a shared weight (its dweight summed over the batch) and with
+    a batched one."""
+    traced = []  # the Mosaic GPU kernels traced (batched, they are renamed): (name, M, N)
+    for name in ("rmsnorm_fwd", "rmsnorm_bwd"):
+        kernel = getattr(kernels_mgpu, name)
+        counted = lambda *a, kernel=kernel, name=name, **k: (  # noqa: E731
+            traced.append((name, *a[0].shape)) or kernel(*a, **k)
+        )
+        monkeypatch.setattr(kernels_mgpu, name, counted)
     jax.clear_caches()
-    n = shape[-1]
+    b, n = shape[0], shape[-1]
     x = rand(21, shape, jnp.bfloat16)
     r = rand(22, shape, jnp.bfloat16)
-    w = rand(23, (shape[0], n), jnp.bfloat16, scale=0.2, shift=1.0)
+    ws = rand(23, (b, n), jnp.bfloat16, scale=0.2, shift=1.0)
+    dy = rand(24, shape, jnp.bfloat16)
 
-    def f(x, r, w):
+    plain = jax.jit(jax.vmap(lambda x, w: accel_jax.rmsnorm(x, w, casting="llama")))(x, ws)
+    for i in range(b):
+        assert_llama_close(plain[i], x[i], ws[i])
+
+    def fused(x, r, w):
         return accel_jax.rmsnorm_residual_fused(x, r, w, weight_offset=0.5, return_residual=True)
 
-    y, h = jax.jit(jax.vmap(f))(x, r, w)
-    plain = jax.jit(jax.vmap(lambda x, w: accel_jax.rmsnorm(x, w, casting="llama")))(x, w)
-    assert traced == [shape[1:], shape[1:]]
-    for i in range(shape[0]):
-        ref, h64, _ = fwd64(x[i], r[i], w[i], weight_offset=0.5)
-        np.testing.assert_array_equal(f64(h[i]), h64)
-        assert_output_close(y[i], ref)
-        assert_llama_close(plain[i], x[i], w[i])
+    for w_axis in (None, 0):
+        w = ws[0] if w_axis is None else ws
+        (y, h), vjp = jax.vjp(jax.vmap(fused, in_axes=(0, 0, w_axis)), x, r, w)
+        dx, dr, dw = jax.jit(vjp)((dy, h))
+        np.testing.assert_array_equal(np.asarray(dx), np.asarray(dr))
+        for i in range(b):
+            wi = w if w_axis is None else w[i]
+            ref, h64, _ = fwd64(x[i], r[i], wi, weight_offset=0.5)
+            np.testing.assert_array_equal(f64(h[i]), h64)
+            assert_output_close(y[i], ref)
+            ref_dx, _, cx, _ = bwd64(dy[i], h64, wi, weight_offset=0.5, dh=h[i])
+            assert_grad_close(dx[i], ref_dx, cx, what="dx")
+            if w_axis is not None:
+                _, ref_dw, _, cw = bwd64(dy[i], h64, wi, weight_offset=0.5)
+                assert_grad_close(dw[i], ref_dw, cw, per_row=False, what="dweight")
+        if w_axis is None:  # dweight of the shared weight: every example's rows
+            rows = lambda a: np.asarray(a).reshape(-1, n)  # noqa: E731
+            h64 = np.concatenate([fwd64(x[i], r[i])[1] for i in range(b)])
+            _, ref_dw, _, cw = bwd64(rows(dy), h64, w, weight_offset=0.5)
+            assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+    m = shape[1]
+    assert traced.count(("rmsnorm_fwd", m, n)) == 3  # plain, fused twice
+    assert traced.count(("rmsnorm_bwd", m, n)) == 2
 
 
 # Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns;
