@@ -2,9 +2,10 @@
 # One call on the GPU machine; logs and results packed in $OUT/all.tgz (at most 8 files come
 # back from a call), a short summary printed last.
 #   bash scripts/gpu_run.sh bench    # python -m bench (all shapes) + numerics report, real sizes
-#   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites, in
-#                                    # parallel processes (none of them times anything but
-#                                    # tests/bench's smoke run, which runs last, alone)
+#   bash scripts/gpu_run.sh tests    # every gpu-marked test of both halves and both suites,
+#                                    # and the small Mosaic GPU cases compiled, in parallel
+#                                    # processes (none of them times anything but tests/bench's
+#                                    # smoke run, which runs last, alone)
 #   bash scripts/gpu_run.sh tune     # sweep the Triton launch parameters (scripts/tune_torch.py)
 #   bash scripts/gpu_run.sh tune-jax # sweep the Pallas launch parameters (scripts/tune_jax.py)
 #   bash scripts/gpu_run.sh carveout # both kernels under JAX's cache split (scripts/carveout_check.py)
@@ -44,6 +45,10 @@ case $mode in
         step jax jax.log $PYTEST tests/jax -k "not 2_pow_31" &
         step torch torch.log $PYTEST tests/torch &
         step numerics numerics.log $PYTEST tests/numerics &
+        # the small Mosaic GPU cases (unmarked: interpreted on a CPU), compiled here
+        step mgpu-small mgpu_small.log python3 -m pytest -q -rfE -p no:cacheprovider \
+            -m "not gpu" -k "small or mosaic_gpu" tests/jax/test_mgpu_values.py \
+            tests/numerics/test_parity.py &
         wait
         step bench-tests bench_tests.log $PYTEST tests/bench
         grep -hE "^(FAILED|ERROR)|Fatal Python" "$RUN"/*.log | head -n 20
