@@ -33,6 +33,10 @@ write it, and the backward's dweight accumulator lives in shared memory.
 row block's vector tile (the 32 lanes of each warp of a row, 16 bytes of the narrowest dtype
 each) and at most ``WIDE_MAX_COLS``, at least one block of rows. Everything else goes to the
 Triton-lowered kernels.
+
+``interpret=True`` runs the same kernel bodies on the CPU in Mosaic GPU's interpret mode
+(every warpgroup a thread, shared memory and barriers simulated, its race detector on),
+reading refs whole where the compiled kernels load them in a register layout.
 """
 
 from __future__ import annotations
