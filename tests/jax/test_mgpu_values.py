@@ -6,7 +6,7 @@ rows in registers (4 or 2 rows a program), rows in several warpgroups (the group
 and rows in column chunks (the two-walk kernels), ragged row counts, and backward programs
 that each walk several rows.
 
-Run on a GPU: python -m pytest -q -m gpu tests/jax/test_mgpu_values.py
+Run on a GPU: python -m pytest -q tests/jax/test_mgpu_values.py (-m gpu: the real sizes only)
 """
 
 import re
