@@ -7,7 +7,6 @@ so they run there too), the real sizes and the DLPack zero-copy checks.
 
 from __future__ import annotations
 
-import jax
 import pytest
 import torch
 
@@ -34,35 +33,10 @@ def test_case(case: Case):
     _assert_case(case)
 
 
-@pytest.fixture
-def mosaic_gpu(monkeypatch):
-    """accel_jax on its Mosaic GPU kernels wherever they serve the shape (N a multiple of
-    128 or 256 here; the rest the Triton-lowered ones): interpreted on the CPU, compiled on
-    Hopper and newer."""
-    from accel_jax import backends, kernels_mgpu
-
-    if torch.cuda.is_available() and not backends.hopper_or_newer():
-        pytest.skip("the Mosaic GPU kernels need compute capability 9.0 or newer")
-    if not torch.cuda.is_available() and kernels_mgpu.INTERPRET_UNAVAILABLE:
-        pytest.skip(f"no Mosaic GPU interpret mode: {kernels_mgpu.INTERPRET_UNAVAILABLE}")
-    monkeypatch.setenv("ACCEL_JAX_BACKEND", "mosaic_gpu")
-    traced = []
-    forward = kernels_mgpu.rmsnorm_fwd
-    monkeypatch.setattr(
-        kernels_mgpu, "rmsnorm_fwd", lambda *a, **k: traced.append(1) or forward(*a, **k)
-    )
-    jax.clear_caches()  # each case traced afresh, under this setting
-    return traced
-
-
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c.name for c in CPU_CASES])
 def test_case_mosaic_gpu(case: Case, mosaic_gpu):
-    from accel_jax import kernels_mgpu
-
-    _assert_case(case)
-    dtypes = [case.x_dtype, case.w_dtype] + ([case.r_dtype, case.h_dtype] if case.fused else [])
-    dtypes = [str(d).removeprefix("torch.") for d in dtypes if d is not None]
-    assert bool(mosaic_gpu) == kernels_mgpu.supported(case.rows, case.n, *dtypes)
+    res = mosaic_gpu(case)
+    assert res.ok, _explain(res)
 
 
 @pytest.fixture
