@@ -88,10 +88,15 @@ def _warps(elems: int) -> int:
     return 2 if elems >= 256 else 1
 
 
+def varying_axes(arrays) -> frozenset:
+    """The manual mesh axes (inside shard_map) any of arrays varies over; empty elsewhere."""
+    return frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+
+
 def _varying_like(out_shape, inputs):
     """out_shape's structs marked varying over the inputs' manual mesh axes (inside
     shard_map, where check_vma needs them); unchanged elsewhere."""
-    varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in inputs))
+    varying = varying_axes(inputs)
     if not varying:
         return out_shape
     mat = jax.sharding.ManualAxisType(varying=varying)
@@ -773,4 +778,5 @@ __all__ = [
     "rmsnorm_dweight_reduce",
     "rmsnorm_fwd",
     "row_launch",
+    "varying_axes",
 ]

@@ -77,7 +77,13 @@ INTERPRET_UNAVAILABLE = UNAVAILABLE or (
 # implementation, so _load and _cast read refs and pass values as they are.
 _INTERPRETING = contextvars.ContextVar("accel_jax_mgpu_interpreting", default=False)
 
-from accel_jax.kernels import bwd_refs, fwd_out_shape, fwd_outputs, fwd_refs  # noqa: E402
+from accel_jax.kernels import (  # noqa: E402
+    bwd_refs,
+    fwd_out_shape,
+    fwd_outputs,
+    fwd_refs,
+    varying_axes,
+)
 
 F32 = jnp.float32
 # Rows per program are chosen so that a thread holds at most this many fp32 row elements
@@ -290,20 +296,20 @@ def _launch(
             compiler_params=_compiler_params(),
             **threads,
         )(*inputs)
-        return _varying_like(outs, inputs)
+        return _typed_varying(outs, inputs)
 
     return call
 
 
-def _varying_like(outs, inputs):
+def _typed_varying(outs, inputs):
     """outs typed varying over the inputs' manual mesh axes (inside shard_map, where
     check_vma needs them; Mosaic GPU types a kernel's outputs invariant whatever its
     out_type says). A change of type only, never differentiated: the ops' custom_vjp and
     custom_jvp rules stand in for the kernels' derivatives."""
-    varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in inputs))
+    varying = varying_axes(inputs)
 
     def cast(o):
-        missing = tuple(sorted(varying - jax.typeof(o).manual_axis_type.varying))
+        missing = tuple(sorted(varying - varying_axes([o])))
         return jax.lax.pcast(o, missing, to="varying") if missing else o
 
     return jax.tree.map(cast, outs) if varying else outs
