@@ -9,7 +9,8 @@ tracing, which wins over the variable:
   Mosaic GPU backward for ``MGPU_BWD_COLS`` columns from ``MGPU_BWD_MIN_ELEMS`` elements
   (past ``kernels_mgpu.BWD_MAX_COLS`` only where the grouped kernel serves them,
   ``kernels_mgpu.bwd_groups``), where each measured faster on the H200
-  (bench/NOTES.md); the Triton-lowered kernels for everything else;
+  (bench/NOTES.md), and only where their loads are 16 bytes wide
+  (``kernels_mgpu.full_width``); the Triton-lowered kernels for everything else;
 - ``triton``: the Triton-lowered kernels only;
 - ``mosaic_gpu``: Mosaic GPU for every forward and backward it serves
   (``kernels_mgpu.supported`` / ``supported_bwd``), the Triton-lowered kernels for the rest;
@@ -18,6 +19,11 @@ The setting is part of each call's static configuration, so a change takes effec
 next call even where an earlier one was already traced; a backward follows the setting its
 forward was traced under. Forcing ``mosaic_gpu`` on a GPU older than compute capability 9.0
 (Mosaic GPU needs Hopper) is a ValueError naming the device.
+
+On a JAX without the Pallas Triton backend (deprecated since JAX 0.11), ``auto`` and
+``mosaic_gpu`` run the Mosaic GPU kernels wherever they serve the shape on a Hopper or newer
+GPU and the reference math for the rest (and everywhere on older GPUs); forcing ``triton``
+there is a ValueError naming what is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Iterator
 
 import jax
 
-from accel_jax import kernels, kernels_mgpu
+from accel_jax import kernels, kernels_mgpu, reference
 
 CHOICES = ("auto", "triton", "mosaic_gpu", "reference")
 # From this many rows the Mosaic GPU fused forward beat the Triton one on every H200 bench
@@ -95,7 +101,14 @@ def hopper_or_newer() -> bool:
 
 
 def check_forced(choice: str) -> None:
-    """ValueError when ``mosaic_gpu`` is forced for a GPU that cannot run it."""
+    """ValueError when a forced backend cannot run here: ``mosaic_gpu`` on a GPU older than
+    Hopper, ``triton`` on a JAX without the Pallas Triton backend."""
+    if choice == "triton" and kernels.UNAVAILABLE is not None:
+        raise ValueError(
+            f"accel_jax backend 'triton' needs JAX's Pallas Triton backend, which this JAX "
+            f"({jax.__version__}) lacks ({kernels.UNAVAILABLE}); use 'auto', 'mosaic_gpu' or "
+            "'reference'"
+        )
     if choice == "mosaic_gpu" and not hopper_or_newer():
         device = jax.devices()[0]
         cc = getattr(device, "compute_capability", None)
@@ -111,35 +124,55 @@ def from_mode(mode: str) -> str:
     return mode.partition("-")[2] or "auto"
 
 
+def mosaic_gpu_usable() -> bool:
+    """Whether compiled Mosaic GPU kernels can run here (this JAX has them, the GPU is
+    Hopper or newer)."""
+    return kernels_mgpu.UNAVAILABLE is None and hopper_or_newer()
+
+
+def _fallback():
+    """Where a shape no chosen Mosaic GPU kernel serves goes: the Triton-lowered kernels, or
+    on a JAX without the Pallas Triton backend the reference math (``reference`` has the
+    kernels' signatures)."""
+    return kernels if kernels.UNAVAILABLE is None else reference
+
+
 def backward_kernels(m: int, n: int, dtypes, choice: str = "auto"):
     """The kernels module for a compiled (M, N) backward (dtypes: dy, x, weight, dh, dx and
     dres's), as forward_kernels chooses."""
     if choice in ("triton", "reference") or not kernels_mgpu.supported_bwd(m, n, *dtypes):
-        return kernels
-    if choice == "mosaic_gpu":
+        return _fallback()
+    if choice == "mosaic_gpu" or kernels.UNAVAILABLE is not None:
         return kernels_mgpu
     wins = MGPU_BWD_COLS[0] <= n <= MGPU_BWD_COLS[1] and m * n >= MGPU_BWD_MIN_ELEMS
-    # the two-walk kernels of rows past BWD_MAX_COLS lost to the Triton-lowered ones (H200)
+    # the two-walk kernels of rows past BWD_MAX_COLS lost to the Triton-lowered ones (H200);
+    # loads narrower than 16 bytes were never measured against them
     wins = wins and (not kernels_mgpu.wide_bwd(n) or kernels_mgpu.bwd_groups(n, *dtypes) > 0)
+    wins = wins and kernels_mgpu.full_width_bwd(n, *dtypes)
     return kernels_mgpu if wins and hopper_or_newer() else kernels
 
 
 def forward_kernels(m: int, n: int, fused: bool, dtypes, choice: str = "auto"):
-    """The kernels module (``kernels`` or ``kernels_mgpu``) for a compiled (M, N) forward.
+    """The module (``kernels``, ``kernels_mgpu``, or ``reference`` where this JAX has no
+    Pallas Triton backend) whose ``rmsnorm_fwd`` runs a compiled (M, N) forward.
 
     dtypes: every dtype the call reads or writes (x, residual, weight, y, h).
     choice: the ACCEL_JAX_BACKEND setting the call was traced under (``from_mode``).
+    Without the Pallas Triton backend, ``auto`` takes the Mosaic GPU kernels wherever they
+    serve the shape (ops traces kernel calls there only on a GPU that runs them).
     """
     if choice in ("triton", "reference") or not kernels_mgpu.supported(m, n, *dtypes):
-        return kernels
-    if choice == "mosaic_gpu":
+        return _fallback()
+    if choice == "mosaic_gpu" or kernels.UNAVAILABLE is not None:
         return kernels_mgpu
-    # the two-walk kernels of rows past MAX_COLS lost to the Triton-lowered ones (H200)
+    # the two-walk kernels of rows past MAX_COLS lost to the Triton-lowered ones (H200);
+    # loads narrower than 16 bytes were never measured against them
     if fused:
         grouped = kernels_mgpu.fwd_groups(n, *dtypes) > 0
         wins = m >= MGPU_FUSED_MIN_ROWS and (not kernels_mgpu.wide(n) or grouped)
     else:
         wins = MGPU_FWD_COLS[0] <= n <= MGPU_FWD_COLS[1] and m * n >= MGPU_FWD_MIN_ELEMS
+    wins = wins and kernels_mgpu.full_width(n, *dtypes)
     return kernels_mgpu if wins and hopper_or_newer() else kernels
 
 
@@ -156,5 +189,6 @@ __all__ = [
     "forward_kernels",
     "from_mode",
     "hopper_or_newer",
+    "mosaic_gpu_usable",
     "use_backend",
 ]

@@ -31,8 +31,9 @@ write it, and the backward's dweight accumulator lives in shared memory.
 
 ``supported`` / ``supported_bwd`` say which shapes these kernels serve: N a multiple of a
 row block's vector tile (the 32 lanes of each warp of a row, 16 bytes of the narrowest dtype
-each) and at most ``WIDE_MAX_COLS``, at least one block of rows. Everything else goes to the
-Triton-lowered kernels.
+each; in the kernels that hold rows in one warpgroup, fewer bytes where N needs it, down to
+one element: ``row_vector``) and at most ``WIDE_MAX_COLS``, at least one block of rows.
+Everything else goes to the Triton-lowered kernels (or, without them, the reference math).
 
 ``interpret=True`` runs the same kernel bodies on the CPU in Mosaic GPU's interpret mode
 (every warpgroup a thread, shared memory and barriers simulated, its race detector on),
@@ -42,6 +43,7 @@ reading refs whole where the compiled kernels load them in a register layout.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 
 import jax
@@ -138,6 +140,10 @@ GROUP_ELEMS = 128
 BWD_GROUP_ELEMS = 16
 BWD_GROUP_PROGRAMS = 132
 BWD_GROUP_MAX_COLS = 12288
+# A kernel's name as a Mosaic GPU mesh field (kept when vmap batches the kernel).
+_KERNEL_NAME = plgpu is not None and "kernel_name" in {
+    f.name for f in dataclasses.fields(plgpu.Mesh)
+}
 # JAX 0.11 moved ``load``'s index into the ref (``ref.at[...]``) and warns on the old form.
 _INDEX_ARG = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
 
@@ -173,6 +179,22 @@ def _fits(m: int, n: int, rows: int, dtypes, max_cols: int) -> bool:
     return UNAVAILABLE is None and n % _tile(rows, dtypes) == 0 and n <= max_cols and m >= rows
 
 
+def row_vector(n: int, rows: int, *dtypes) -> int:
+    """Elements per access of the row kernels' loads and stores (R rows of N columns in one
+    warpgroup's registers): 16 bytes of the narrowest dtype where N is whole tiles of those,
+    else the widest power-of-two fewer (down to one element) that tiles N; 0 where N is not
+    even whole 32-lane tiles of single elements."""
+    vec = vector_len(*dtypes)
+    while vec and n % ((4 // rows) * 32 * vec):
+        vec //= 2
+    return vec
+
+
+def _fits_rows(m: int, n: int, rows: int, dtypes, max_cols: int) -> bool:
+    """_fits for the row kernels, whose loads narrow where N needs it (row_vector)."""
+    return UNAVAILABLE is None and row_vector(n, rows, *dtypes) > 0 and n <= max_cols and m >= rows
+
+
 def wide(n: int) -> bool:
     """Whether an N-column forward runs the two-walk kernel."""
     return n > MAX_COLS
@@ -191,7 +213,7 @@ def supported(m: int, n: int, *dtypes) -> bool:
         return WIDE_CHUNK % _tile(WIDE_ROWS, dtypes) == 0 and _fits(
             m, n, WIDE_ROWS, dtypes, WIDE_MAX_COLS
         )
-    return _fits(m, n, rows_per_program(n), dtypes, MAX_COLS)
+    return _fits_rows(m, n, rows_per_program(n), dtypes, MAX_COLS)
 
 
 def supported_bwd(m: int, n: int, *dtypes) -> bool:
@@ -201,7 +223,18 @@ def supported_bwd(m: int, n: int, *dtypes) -> bool:
         return _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
     if wide_bwd(n):
         return BWD_CHUNK % _tile(1, dtypes) == 0 and _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
-    return _fits(m, n, 1, dtypes, BWD_MAX_COLS)
+    return _fits_rows(m, n, 1, dtypes, BWD_MAX_COLS)
+
+
+def full_width(n: int, *dtypes) -> bool:
+    """Whether an N-column forward that these kernels serve moves 16 bytes per access (the
+    row kernel narrows its vectors where N needs it, row_vector; the others never do)."""
+    return wide(n) or row_vector(n, rows_per_program(n), *dtypes) == vector_len(*dtypes)
+
+
+def full_width_bwd(n: int, *dtypes) -> bool:
+    """full_width for the backward."""
+    return wide_bwd(n) or row_vector(n, 1, *dtypes) == vector_len(*dtypes)
 
 
 def _rows_layout(rows: int, n: int, vec: int):
@@ -279,6 +312,8 @@ def _launch(
     interpret: in Mosaic GPU's interpret mode (CPU), its race detector on. Inside shard_map
     the outputs are typed varying over the inputs' mesh axes, as check_vma needs."""
     threads = {"num_threads": groups, "thread_name": "group"} if groups else {}
+    if _KERNEL_NAME:
+        threads["kernel_name"] = name  # kept under vmap, which renames the body
     if interpret:
         if INTERPRET_UNAVAILABLE:
             raise ValueError(
@@ -407,6 +442,7 @@ def rmsnorm_fwd(
     if not supported(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU forward does not serve {(m, n)} with dtypes {dtypes}")
     rows, body, extra, scratch = rows_per_program(n), _fwd_kernel, {}, ()
+    vec = row_vector(n, rows, *dtypes)
     out_shape = fwd_out_shape(m, n, out_dtype, round_dtype, store_h, store_rstd)
     groups = fwd_groups(n, *dtypes)
     if groups:
@@ -414,15 +450,17 @@ def rmsnorm_fwd(
         scratch, segments = _exchange_scratch(groups, rows), 4 * groups // rows
         inputs = _segment_view(inputs, weight, segments)
         out_shape = _segment_view(out_shape, None, segments)
+        vec = vector_len(*dtypes)
     elif wide(n):
         rows, body, extra = WIDE_ROWS, _fwd_wide_kernel, {"chunk": WIDE_CHUNK}
+        vec = vector_len(*dtypes)
     kernel = functools.partial(
         body,
         **extra,
         m=m,
         n=n,
         rows=rows,
-        vec=vector_len(*dtypes),
+        vec=vec,
         eps=eps,
         weight_offset=weight_offset,
         llama=llama,
@@ -543,6 +581,7 @@ def rmsnorm_bwd(
     out_shape += [jax.ShapeDtypeStruct((m, n), dres_dtype)] if store_dres else []
     out_shape += [jax.ShapeDtypeStruct((programs, n), F32)] if has_weight else []
     body, extra, scratch, view = _bwd_kernel, {}, (), (m, n)
+    vec = row_vector(n, 1, *dtypes) if not wide_bwd(n) else vector_len(*dtypes)
     if groups:
         body, extra, scratch = _bwd_grouped_kernel, {"groups": groups}, _exchange_scratch(groups)
         inputs = _segment_view(inputs, weight, 4 * groups)
@@ -560,7 +599,7 @@ def rmsnorm_bwd(
         **extra,
         m=m,
         n=n,
-        vec=vector_len(*dtypes),
+        vec=vec,
         programs=programs,
         weight_offset=weight_offset,
         has_weight=has_weight,
@@ -890,9 +929,12 @@ __all__ = [
     "bwd_groups",
     "bwd_programs",
     "col_chunks",
+    "full_width",
+    "full_width_bwd",
     "fwd_groups",
     "rmsnorm_bwd",
     "rmsnorm_fwd",
+    "row_vector",
     "rows_per_program",
     "supported",
     "supported_bwd",

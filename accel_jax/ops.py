@@ -9,9 +9,11 @@ Dispatch, decided when a call is traced:
   Triton-lowered ones or, for the forward, Mosaic GPU's (``accel_jax.backends``:
   ``ACCEL_JAX_BACKEND`` picks or forces one, ``reference`` forces the reference math);
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
-The reference math also serves float64 (computed in float64), shapes with symbolic
-dimensions (``jax.export``: the kernels need static shapes) and a JAX without the Pallas
-Triton backend (with one warning). Arrays of 2^32 bytes or more run the kernels in one
+The reference math also serves float64 (computed in float64) and shapes with symbolic
+dimensions (``jax.export``: the kernels need static shapes). On a JAX without the Pallas
+Triton backend (one warning), the Mosaic GPU kernels run wherever they serve the shape on a
+Hopper or newer GPU (or interpreted, with ``ACCEL_JAX_BACKEND=mosaic_gpu``), the reference
+math everywhere else. Arrays of 2^32 bytes or more run the kernels in one
 launch, as smaller ones do.
 
 Every path goes through the same ``custom_vjp``: saved for backward are x (or h) and one fp32
@@ -34,10 +36,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from accel_jax import backends, checks, kernels, sharding
+from accel_jax import backends, checks, kernels, kernels_mgpu, sharding
 from accel_jax.reference import compute_dtype, reference_bwd, reference_fwd
 
-_STATE = {"interpret": False, "warned_no_kernels": False}
+_STATE = {"interpret": False, "warned_no_kernels": set()}
 
 # JAX >= 0.11 warns at every lowering of a Pallas Triton kernel. The warning is about JAX's
 # roadmap, not about anything our users can change, so exactly that message is ignored.
@@ -86,20 +88,31 @@ def _on_gpu(x) -> bool:
         return jax.default_backend() in gpu
 
 
-def _kernels_available() -> bool:
-    """False on a JAX without the Pallas Triton backend (warns the first time)."""
+def _kernels_available(mosaic_gpu: bool) -> bool:
+    """Whether kernels can run: the Triton-lowered ones, or on a JAX without the Pallas
+    Triton backend the Mosaic GPU ones where ``mosaic_gpu`` says they can (for the shapes
+    they serve; backends sends the rest to the reference math). Warns once per outcome."""
     if kernels.UNAVAILABLE is None:
         return True
-    if not _STATE["warned_no_kernels"]:
-        _STATE["warned_no_kernels"] = True
+    if mosaic_gpu:
+        instead = (
+            "RMSNorm runs the Mosaic GPU kernels where they serve the shape and the plain-jnp "
+            "reference math elsewhere (same numerics)"
+        )
+    else:
+        instead = (
+            "RMSNorm runs on the plain-jnp reference math instead (same numerics, without "
+            "the kernels' speed)"
+        )
+    if instead not in _STATE["warned_no_kernels"]:
+        _STATE["warned_no_kernels"].add(instead)
         warnings.warn(
             f"accel_jax: this JAX ({jax.__version__}) has no Pallas Triton backend "
-            f"({kernels.UNAVAILABLE}); RMSNorm runs on the plain-jnp reference math instead "
-            "(same numerics, without the kernels' speed)",
+            f"({kernels.UNAVAILABLE}); {instead}",
             RuntimeWarning,
             stacklevel=4,
         )
-    return False
+    return mosaic_gpu
 
 
 def _mode(x, interpret, wide: bool) -> str:
@@ -108,14 +121,19 @@ def _mode(x, interpret, wide: bool) -> str:
         _STATE["interpret"] if interpret is None else checks.check_flag("interpret", interpret)
     )
     static = all(isinstance(d, int) for d in x.shape)
-    if wide or not static or not (interpret or _on_gpu(x)) or not _kernels_available():
+    if wide or not static or not (interpret or _on_gpu(x)):
         return "reference"
     choice = backends.backend()
-    if choice == "reference" and not interpret:
-        return "reference"
     if interpret:
-        return "interpret-mosaic_gpu" if choice == "mosaic_gpu" else "interpret"
+        mosaic = choice == "mosaic_gpu"
+        if not _kernels_available(mosaic and kernels_mgpu.INTERPRET_UNAVAILABLE is None):
+            return "reference"
+        return "interpret-mosaic_gpu" if mosaic else "interpret"
+    if choice == "reference":
+        return "reference"
     backends.check_forced(choice)
+    if not _kernels_available(backends.mosaic_gpu_usable()):
+        return "reference"
     quiet_triton_deprecation()
     return "pallas" if choice == "auto" else f"pallas-{choice}"
 

@@ -105,6 +105,24 @@ def reference_bwd(dy, x, rstd, weight, dh, *, weight_offset, dx_dtype, dres_dtyp
     return dx.astype(dx_dtype), dres, dweight
 
 
+def rmsnorm_fwd(x, residual, weight, *, store_h, store_rstd, interpret=False, **args):
+    """reference_fwd with the kernels' signature (``kernels.rmsnorm_fwd``), for the shapes
+    no available kernel serves; args: reference_fwd's static ones (eps, weight_offset,
+    llama, out_dtype, round_dtype); interpret is ignored. x: (M, N). Returns (y, h or None,
+    rstd (M,) or None)."""
+    del interpret
+    y, h, rstd = reference_fwd(x, residual, weight, need_h=store_h and residual is not None, **args)
+    return y, h, (rstd if store_rstd else None)
+
+
+def rmsnorm_bwd(dy, x, rstd, weight, dh, *, interpret=False, **args):
+    """reference_bwd with the kernels' signature (``kernels.rmsnorm_bwd``), for the shapes no
+    available kernel serves; args: weight_offset, dx_dtype, dres_dtype; interpret is
+    ignored. Returns (dx, dres or None, dweight or None)."""
+    del interpret
+    return reference_bwd(dy, x, rstd, weight, dh, **args)
+
+
 def rmsnorm_reference(x, weight=None, eps=1e-6, *, weight_offset=0.0, casting="fp32"):
     """RMSNorm in plain jnp (differentiable by JAX autodiff).
 

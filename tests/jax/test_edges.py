@@ -227,7 +227,7 @@ def test_export_with_a_symbolic_batch(interpret):
 # ------------------------------------------------- no Pallas Triton backend
 
 
-NO_TRITON_SCRIPT = textwrap.dedent(
+BLOCK_PALLAS_TRITON = textwrap.dedent(
     """
     import sys, warnings
     import importlib.abc
@@ -242,6 +242,11 @@ NO_TRITON_SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, Block())
     warnings.simplefilter("always")
+    """
+)
+
+NO_TRITON_SCRIPT = BLOCK_PALLAS_TRITON + textwrap.dedent(
+    """
     import jax, jax.numpy as jnp, numpy as np
     with warnings.catch_warnings(record=True) as caught:
         import accel_jax
@@ -262,9 +267,60 @@ NO_TRITON_SCRIPT = textwrap.dedent(
     """
 )
 
+# With ACCEL_JAX_BACKEND=mosaic_gpu, interpreted: the Mosaic GPU kernels where they serve the
+# shape (4x1024 bf16: forward and backward), the reference math elsewhere (3x16), no Pallas
+# Triton kernel anywhere; values against the float64 reference.
+NO_TRITON_MOSAIC_SCRIPT = BLOCK_PALLAS_TRITON + textwrap.dedent(
+    """
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from tests.jax.helpers import assert_grad_close, assert_output_close, bwd64, fwd64, rand
+    with warnings.catch_warnings(record=True) as caught:
+        import accel_jax
+        from accel_jax import kernels, kernels_mgpu
+        assert kernels.UNAVAILABLE and "simulated" in kernels.UNAVAILABLE
+        for shape, mosaic in (((4, 1024), 2), ((3, 16), 0)):
+            x = rand(1, shape, jnp.bfloat16)
+            r = rand(2, shape, jnp.bfloat16)
+            w = rand(3, shape[-1:], jnp.bfloat16, scale=0.2, shift=1.0)
+            dy = rand(4, shape, jnp.bfloat16)
+
+            def step(x, r, w):
+                f = lambda x, r, w: accel_jax.rmsnorm_residual_fused(
+                    x, r, w, interpret=True, return_residual=True
+                )
+                (y, h), vjp = jax.vjp(f, x, r, w)
+                return y, h, *vjp((dy, jnp.zeros_like(h)))
+
+            jaxpr = str(jax.make_jaxpr(step)(x, r, w))
+            kernels = re.findall(r"\\bname=rmsnorm\\w*_mgpu\\b", jaxpr)
+            assert len(kernels) == mosaic, (shape, kernels)
+            assert "triton" not in jaxpr, shape
+            y, h, dx, dr, dw = jax.jit(step)(x, r, w)
+            ref, h64, _ = fwd64(x, r, w)
+            np.testing.assert_array_equal(np.asarray(h, np.float64), h64)
+            assert_output_close(y, ref)
+            ref_dx, ref_dw, cx, cw = bwd64(dy, h64, w)
+            assert_grad_close(dx, ref_dx, cx, what="dx")
+            np.testing.assert_array_equal(np.asarray(dx), np.asarray(dr))
+            assert_grad_close(dw, ref_dw, cw, per_row=False, what="dweight")
+    mine = [str(m.message) for m in caught if "accel_jax" in str(m.message)]
+    assert len(mine) == 1, mine
+    assert "no Pallas Triton backend" in mine[0] and "Mosaic GPU kernels" in mine[0], mine[0]
+    print("OK")
+    """
+)
+
 
 def test_without_the_pallas_triton_backend_one_warning_and_the_reference_math():
     run_python(NO_TRITON_SCRIPT, JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.skipif(
+    accel_jax.kernels_mgpu.INTERPRET_UNAVAILABLE is not None, reason="no Mosaic GPU interpret mode"
+)
+def test_without_the_pallas_triton_backend_the_mosaic_gpu_kernels_where_they_serve():
+    run_python(NO_TRITON_MOSAIC_SCRIPT, JAX_PLATFORMS="cpu", ACCEL_JAX_BACKEND="mosaic_gpu")
 
 
 @pytest.mark.parametrize(

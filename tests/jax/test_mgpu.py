@@ -5,6 +5,7 @@ tests/jax/test_mgpu_values.py (interpreted here, compiled on the GPU), and here 
 interpreter's race detector sees a race planted in the kernels."""
 
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,14 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
         ((4096, 4096, [BF16, F32], True)),
         ((4096, 3584, [BF16], True)),  # 14 vectors of 256
         ((4096, 3584, [F32], True)),  # fp32 vectors: 128 columns
-        ((4096, 1000, [BF16], False)),  # not a multiple of 256
-        ((4096, 4160, [F32], False)),
+        ((4096, 1000, [BF16], False)),  # not whole 32-column tiles
+        ((4096, 2880, [BF16], True)),  # not whole 256-column tiles: 4-byte loads
+        ((8, 128, [BF16], True)),  # a head's width: 8-byte loads
+        ((8, 96, [F32], True)),  # 4-byte loads
+        ((4096, 4160, [F32], True)),  # two rows per program, 4-byte loads
+        ((4096, 4176, [F32], False)),  # not whole 64-column tiles
         ((2, 8192, [BF16], True)),  # two rows per program
-        ((4096, 4352, [BF16], False)),  # two rows per program: N not whole 512-column tiles
+        ((4096, 4352, [BF16], True)),  # two rows per program: N not whole 512-column tiles
         ((1, 8192, [BF16], False)),
         ((64, 16384, [BF16], True)),  # past MAX_COLS: two warpgroups per row
         ((2, 12288, [F32], True)),
@@ -54,6 +59,9 @@ def test_supported_shapes(m, n, dtypes, served):
         ((3, 7168, [BF16], True)),  # past BWD_MAX_COLS: seven warpgroups
         ((3, 9216, [BF16], True)),  # no split into whole segments: column chunks
         ((3, 6656, [BF16], False)),  # not whole 1024-column tiles
+        ((3, 3584, [BF16], True)),  # up to BWD_MAX_COLS: 8-byte loads
+        ((3, 896, [BF16], True)),  # 2-byte loads
+        ((3, 2880, [BF16], False)),  # not whole 128-column tiles
         ((3, 6656, [F32], True)),  # fp32 tiles: 512 columns
         ((1, 16384, [BF16], True)),
         ((1, 16 * 4096 + 1024, [BF16], False)),  # past WIDE_MAX_COLS
@@ -170,6 +178,44 @@ def test_rows_past_max_cols_under_auto(monkeypatch, n):
         assert forced is kernels_mgpu
 
 
+@pytest.mark.parametrize("rows", [4, 2, 1])
+@pytest.mark.parametrize("dtypes", [[BF16], [F32], [BF16, F32]], ids=str)
+def test_row_vector_is_the_widest_that_tiles_the_row(rows, dtypes):
+    """A row kernel's loads: whole 32-lane tiles of the row's warps, as wide as N allows up
+    to 16 bytes of the narrowest dtype; 0 where not even single elements tile N."""
+    full = kernels_mgpu.vector_len(*dtypes)
+    for n in range(1, 4097):
+        vec = kernels_mgpu.row_vector(n, rows, *dtypes)
+        tile = lambda v: (4 // rows) * 32 * v  # noqa: E731
+        if vec == 0:
+            assert n % tile(1) != 0, n
+            continue
+        assert vec in (1, 2, 4, 8) and vec <= full and n % tile(vec) == 0, (n, vec)
+        assert vec == full or n % tile(2 * vec) != 0, (n, vec)
+
+
+@pytest.mark.parametrize("n", [2880, 4160, 896])
+def test_narrow_loads_only_when_forced_or_without_triton(monkeypatch, n):
+    """Shapes that the row kernels serve with loads narrower than 16 bytes were never
+    timed against the Triton-lowered kernels: auto keeps those (also for the fused forward
+    from MGPU_FUSED_MIN_ROWS rows); forcing mosaic_gpu, or a JAX without the Pallas Triton
+    backend, runs them on Mosaic GPU."""
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
+    dtypes = [F32] if n == 4160 else [BF16]
+    assert kernels_mgpu.supported(4096, n, *dtypes) and not kernels_mgpu.full_width(n, *dtypes)
+    assert backends.forward_kernels(4096, n, True, dtypes, "auto") is kernels
+    assert backends.forward_kernels(4096, n, True, dtypes, "mosaic_gpu") is kernels_mgpu
+    served_bwd = kernels_mgpu.supported_bwd(4096, n, *dtypes)
+    assert served_bwd == (n == 896) and not kernels_mgpu.full_width_bwd(n, *dtypes)
+    assert backends.backward_kernels(4096, n, dtypes, "auto") is kernels
+    forced = backends.backward_kernels(4096, n, dtypes, "mosaic_gpu")
+    assert forced is (kernels_mgpu if served_bwd else kernels)
+    monkeypatch.setattr(kernels, "UNAVAILABLE", "ImportError: simulated")
+    assert backends.forward_kernels(4096, n, True, dtypes, "auto") is kernels_mgpu
+    without = backends.backward_kernels(4096, n, dtypes, "auto")
+    assert without is (kernels_mgpu if served_bwd else accel_jax.reference)
+
+
 @pytest.mark.parametrize(
     "setting, m, n, hopper, expected",
     [
@@ -179,7 +225,9 @@ def test_rows_past_max_cols_under_auto(monkeypatch, n):
         ("auto", 2048, 4096, True, kernels),  # below MGPU_BWD_MIN_ELEMS: a tie there
         ("auto", 16384, 1024, True, kernels),  # 1024 columns: Triton was faster
         ("auto", 8192, 4096, False, kernels),  # before Hopper
-        ("auto", 8192, 3584, True, kernels),  # not served: not a multiple of 1024
+        ("auto", 8192, 3584, True, kernels),  # 8-byte loads: never measured against Triton's
+        ("mosaic_gpu", 8192, 3584, True, kernels_mgpu),
+        ("mosaic_gpu", 8192, 2880, True, kernels),  # not served: not whole 128-column tiles
         ("mosaic_gpu", 256, 1024, False, kernels_mgpu),
         ("auto", 4096, 7168, True, kernels_mgpu),  # past BWD_MAX_COLS: seven warpgroups
         ("auto", 4096, 12288, True, kernels_mgpu),  # six warpgroups
@@ -210,8 +258,10 @@ def _lower(f, *args):
 
 CASES = list(
     itertools.product(
-        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584), (3, 16896), (5, 16384)],  # ragged
-        # rows; 4 and 2 rows; column chunks; two warpgroups
+        [(1030, 4096), (7, 8192), (4096, 5120), (64, 3584), (3, 16896), (5, 16384)]
+        + [(64, 2880), (8, 128)],
+        # ragged rows; 4 and 2 rows; column chunks; two warpgroups; loads narrower than 16
+        # bytes
         [BF16, F32],
         [None, "same", F32],  # residual
         [None, BF16],  # weight
@@ -229,8 +279,7 @@ def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
     args.append(jax.ShapeDtypeStruct(shape, res_dtype) if residual else None)
     args.append(jax.ShapeDtypeStruct((n,), weight) if weight else None)
     dtypes = [a.dtype for a in args if a is not None] + [dtype, round_dtype]
-    if not kernels_mgpu.supported(m, n, *dtypes):
-        pytest.skip("not served (test_supported_shapes)")
+    assert kernels_mgpu.supported(m, n, *dtypes)
 
     def f(x, r, w):
         return kernels_mgpu.rmsnorm_fwd(
@@ -245,8 +294,9 @@ def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
 BWD_CASES = list(
     itertools.product(
         [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584), (5, 7168), (64, 16384)]
-        + [(3, 12288)],
-        # G > M at 3 rows; past BWD_MAX_COLS, seven and six warpgroups, column chunks
+        + [(3, 12288), (5, 896)],
+        # G > M at 3 rows; 16-bit 3584: 8-byte loads; past BWD_MAX_COLS, seven and six
+        # warpgroups, column chunks; 896: 2- and 4-byte loads
         [BF16, F32],
         [None, BF16],  # weight
         [False, True],  # dh (fused)
@@ -263,9 +313,7 @@ def test_every_backward_variant_lowers_for_cuda(shape, dtype, weight, dh, dres):
     args.append(jax.ShapeDtypeStruct((n,), weight) if weight else None)
     args.append(jax.ShapeDtypeStruct(shape, dtype) if dh else None)
     dtypes = [a.dtype for a in args if a is not None and a.shape != (m,)] + [dtype]
-    if not kernels_mgpu.supported_bwd(m, n, *dtypes, *([dres] if dres else [])):
-        assert n % (128 * kernels_mgpu.vector_len(*dtypes)) != 0
-        pytest.skip("not served: N is not a multiple of 128 vectors")
+    assert kernels_mgpu.supported_bwd(m, n, *dtypes, *([dres] if dres else []))
 
     def f(dy, x, rstd, w, dh):
         return kernels_mgpu.rmsnorm_bwd(
@@ -409,6 +457,64 @@ def test_training_step_past_max_cols_through_the_public_op(monkeypatch, setting,
         text = jax.jit(step).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic
     assert (text.count("__gpu$xla.gpu.triton") > 0) == (setting != "mosaic_gpu")
+
+
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu" or not _jaxlib_lowers_without_compiling(),
+    reason="CPU-only check of the lowering (GPU runs compile for real)",
+)
+def test_without_the_pallas_triton_backend(monkeypatch):
+    """On a JAX without the Pallas Triton backend (simulated), a training step lowered for
+    CUDA: on Hopper, auto runs the Mosaic GPU forward and backward wherever they serve the
+    shape (vmapped too), also where auto would otherwise take the Triton-lowered ones (256
+    rows, 1024 columns), and the reference math elsewhere (1000 columns); before
+    Hopper the reference math everywhere; forcing triton is an error naming what is
+    missing. One warning per outcome."""
+    monkeypatch.setattr(kernels, "UNAVAILABLE", "ImportError: simulated")
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "_STATE", {"interpret": False, "warned_no_kernels": set()})
+    monkeypatch.delenv("ACCEL_JAX_BACKEND", raising=False)
+
+    def lowered(m, n, vmapped=False):
+        x = jax.ShapeDtypeStruct((m, n), BF16)
+        w = jax.ShapeDtypeStruct((n,), BF16)
+
+        def step(x, r, w):  # a fresh function each time: jit keeps the trace of a function
+            loss = lambda *a: jnp.sum(accel_jax.rmsnorm_residual_fused(*a).astype(F32))  # noqa: E731
+            grad = jax.grad(loss, argnums=(0, 1, 2))
+            if vmapped:
+                return jax.vmap(grad, in_axes=(0, 0, None))(x[None], r[None], w)
+            return grad(x, r, w)
+
+        text = jax.jit(step).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" not in text, (m, n)
+        return text.count("stablehlo.custom_call @mosaic_gpu")
+
+    for hopper, m, n, vmapped, mosaic in (
+        (True, 4096, 4096, False, 2),
+        (True, 256, 4096, False, 2),  # auto with the Triton backend: Triton's
+        (True, 4096, 1024, False, 2),
+        (True, 64, 1000, False, 0),  # not served
+        (True, 64, 4096, True, 2),  # vmapped: Pallas batches the Mosaic GPU kernels
+        (False, 4096, 4096, False, 0),
+    ):
+        monkeypatch.setattr(backends, "hopper_or_newer", lambda hopper=hopper: hopper)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert lowered(m, n, vmapped) == mosaic, (hopper, m, n, vmapped)
+        said = [str(w.message) for w in caught if "accel_jax" in str(w.message)]
+        if hopper and (m, n) == (4096, 4096):
+            assert len(said) == 1 and "Mosaic GPU kernels where they serve" in said[0], said
+        elif not hopper:
+            assert len(said) == 1 and "reference math instead" in said[0], said
+        else:
+            assert not said, said  # once per outcome
+    monkeypatch.setattr(backends, "hopper_or_newer", lambda: True)
+    with (
+        pytest.raises(ValueError, match="'triton' needs JAX's Pallas Triton backend.*simulated"),
+        accel_jax.use_backend("triton"),
+    ):
+        lowered(4096, 4096)
 
 
 def _races_found() -> bool:

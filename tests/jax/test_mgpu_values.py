@@ -41,13 +41,14 @@ def _shapes(small, real):
     ]
 
 
-# Ragged row counts (the last program starts early), 4 and 2 rows per program; rows past
+# Ragged row counts (the last program starts early), 4 and 2 rows per program; loads
+# narrower than 16 bytes (2880: 4-byte 16-bit loads; 128, a head's width: 8-byte); rows past
 # MAX_COLS held by two warpgroups (12288, 16384) or in column chunks (16896: no split into
 # whole segments; four chunks and a narrower last one).
 SHAPES = _shapes(
-    [(7, 512), (3, 5120), (3, 12288), (3, 16896)],
+    [(7, 512), (3, 5120), (6, 2880), (5, 128), (3, 12288), (3, 16896)],
     [(2048, 4096), (8195, 4096), (4096, 5120), (1027, 8192), (4097, 3584), (4, 256)]
-    + [(1027, 12288), (1027, 16384), (33, 16896)],
+    + [(4096, 2880), (8195, 128), (1027, 12288), (1027, 16384), (33, 16896)],
 )
 DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
 # Backward programs on the CPU: this few, so that each walks several rows (on a GPU the
@@ -78,7 +79,7 @@ def _mosaic_gpu_calls(f, *args) -> int:
     kernels in its jaxpr (named *_mgpu)."""
     if ON_GPU:
         return jax.jit(f).lower(*args).as_text().count("stablehlo.custom_call @mosaic_gpu")
-    return len(re.findall(r"\brmsnorm\w*_mgpu\b", str(jax.make_jaxpr(f)(*args))))
+    return len(re.findall(r"\bname=rmsnorm\w*_mgpu\b", str(jax.make_jaxpr(f)(*args))))
 
 
 def _uses_mosaic_gpu(f, *args) -> bool:
@@ -129,7 +130,7 @@ def test_vmap(monkeypatch, shape):
     one more grid axis (each kernel traced again). The forward with a batched weight; the
     fused op's gradients with a shared weight (its dweight summed over the batch) and with
     a batched one."""
-    traced = []  # the Mosaic GPU kernels traced (batched, they are renamed): (name, M, N)
+    traced = []  # the Mosaic GPU kernels traced: (name, M, N)
     for name in ("rmsnorm_fwd", "rmsnorm_bwd"):
         kernel = getattr(kernels_mgpu, name)
         counted = lambda *a, kernel=kernel, name=name, **k: (  # noqa: E731
@@ -143,7 +144,9 @@ def test_vmap(monkeypatch, shape):
     ws = rand(23, (b, n), jnp.bfloat16, scale=0.2, shift=1.0)
     dy = rand(24, shape, jnp.bfloat16)
 
-    plain = jax.jit(jax.vmap(lambda x, w: accel_jax.rmsnorm(x, w, casting="llama")))(x, ws)
+    vmapped = jax.vmap(lambda x, w: accel_jax.rmsnorm(x, w, casting="llama"))
+    assert _mosaic_gpu_calls(vmapped, x, ws) == 1  # batched, under its own name
+    plain = jax.jit(vmapped)(x, ws)
     for i in range(b):
         assert_llama_close(plain[i], x[i], ws[i])
 
@@ -176,12 +179,14 @@ def test_vmap(monkeypatch, shape):
 
 
 # Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns;
-# past BWD_MAX_COLS held by several warpgroups (7168: seven, 8192: four, 12288: six) or in
-# column chunks (9216: no split into whole segments, 3072-column chunks; 16384: past
-# BWD_GROUP_MAX_COLS, 4096-column chunks).
+# loads narrower than 16 bytes (896: 2-byte 16-bit loads; 3584: 8-byte); past BWD_MAX_COLS
+# held by several warpgroups (7168: seven, 8192: four, 12288: six) or in column chunks (9216:
+# no split into whole segments, 3072-column chunks; 16384: past BWD_GROUP_MAX_COLS,
+# 4096-column chunks).
 BWD_SHAPES = _shapes(
-    [(5, 1024), (3, 5120), (5, 6144), (3, 9216)],
+    [(5, 1024), (3, 5120), (5, 896), (5, 6144), (3, 9216)],
     [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
+    + [(4096, 896), (2051, 3584)]
     + [(1027, 7168), (130, 8192), (257, 12288), (300, 16384), (3, 9216)],
 )
 

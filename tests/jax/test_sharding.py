@@ -19,9 +19,10 @@ from accel_jax import backends, kernels_mgpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ON_GPUS = jax.default_backend() == "gpu" and jax.device_count() > 1
-PATHS = ("kernels", "kernels-mosaic_gpu")
+# marked gpu on GPUs: GPU runs select their tests by that mark
+PATHS = [pytest.param(p, marks=pytest.mark.gpu) for p in ("kernels", "kernels-mosaic_gpu")]
 if not ON_GPUS:
-    PATHS = ("reference", "interpret", "interpret-mosaic_gpu")
+    PATHS = ["reference", "interpret", "interpret-mosaic_gpu"]
 GROUPS = ("modes", "transforms", "flax")
 
 

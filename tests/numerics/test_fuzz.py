@@ -27,9 +27,12 @@ MOSAIC_GPU_EXAMPLES = int(os.environ.get("NUMERICS_FUZZ_MOSAIC_GPU_EXAMPLES", "1
 SCALES = {"float32": (-15, 15), "bfloat16": (-15, 15), "float16": (-2, 3)}
 
 
-# Widths of whole 256-column tiles, which accel_jax's Mosaic GPU kernels serve: rows in
-# registers (up to 8192), in several warpgroups (9216, 12288) and in column chunks (16896).
-MOSAIC_GPU_WIDTHS = st.sampled_from([256, 512, 1024, 3584, 5120, 6144, 7168, 9216, 12288, 16896])
+# Widths that accel_jax's Mosaic GPU kernels serve: rows in registers (up to 8192; 128, 896
+# and 2880 with loads narrower than 16 bytes), in several warpgroups (9216, 12288) and in
+# column chunks (16896).
+MOSAIC_GPU_WIDTHS = st.sampled_from(
+    [128, 256, 512, 896, 1024, 2880, 3584, 5120, 6144, 7168, 9216, 12288, 16896]
+)
 
 
 @st.composite
