@@ -43,7 +43,6 @@ reading refs whole where the compiled kernels load them in a register layout.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import functools
 
 import jax
@@ -141,9 +140,7 @@ BWD_GROUP_ELEMS = 16
 BWD_GROUP_PROGRAMS = 132
 BWD_GROUP_MAX_COLS = 12288
 # A kernel's name as a Mosaic GPU mesh field (kept when vmap batches the kernel).
-_KERNEL_NAME = plgpu is not None and "kernel_name" in {
-    f.name for f in dataclasses.fields(plgpu.Mesh)
-}
+_KERNEL_NAME = "kernel_name" in getattr(getattr(plgpu, "Mesh", None), "__dataclass_fields__", {})
 # JAX 0.11 moved ``load``'s index into the ref (``ref.at[...]``) and warns on the old form.
 _INDEX_ARG = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
 
