@@ -20,7 +20,9 @@ weight and the dweight accumulator) and runs G programs that each walk rows pid,
 ..., the loads of the next ``BWD_PREFETCH`` rows in flight while a row is reduced and
 stored. Each program adds its rows' dy * xhat into an fp32 register accumulator: one (G, N)
 fp32 partial row each, summed in a fixed order afterwards (deterministic dweight, no
-atomics).
+atomics). Where N does not split over four warps it walks blocks of two or four rows
+instead, as the forward holds them (``bwd_rows``; M a multiple of the block), with R
+partial rows a program.
 
 Rows wider than that (forward past ``MAX_COLS``, backward past ``BWD_MAX_COLS``) are held
 by several warpgroups of one program, each warp a contiguous segment of a row, the
@@ -220,7 +222,7 @@ def supported_bwd(m: int, n: int, *dtypes) -> bool:
         return _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
     if wide_bwd(n):
         return BWD_CHUNK % _tile(1, dtypes) == 0 and _fits(m, n, 1, dtypes, WIDE_MAX_COLS)
-    return _fits_rows(m, n, 1, dtypes, BWD_MAX_COLS)
+    return UNAVAILABLE is None and bwd_rows(m, n, *dtypes) > 0
 
 
 def full_width(n: int, *dtypes) -> bool:
@@ -481,10 +483,9 @@ def rmsnorm_fwd(
 # ---------------------------------------------------------------------------- backward
 
 
-def _bwd_load(refs, r, layout):
-    """Row r's x, dy (in their dtypes) and rstd (the loads a backward step waits on)."""
+def _bwd_load(refs, at, layout):
+    """Rows ``at``'s x, dy (in their dtypes) and rstd (the loads a backward step waits on)."""
     dy_ref, x_ref, rstd_ref = refs[:3]
-    at = pl.ds(r, 1)
     return (
         _load(x_ref.at[at], layout),
         _load(dy_ref.at[at], layout),
@@ -492,14 +493,15 @@ def _bwd_load(refs, r, layout):
     )
 
 
-def _bwd_row(refs, r, loaded, w, acc, *, n, layout, has_dh, store_dres):
-    """Row r of the backward from its loaded x, dy, rstd: dx (and dres) stored; acc + dy *
-    xhat returned (acc None: no weight)."""
+def _bwd_row(refs, at, loaded, w, acc, *, layout, has_dh, store_dres):
+    """Rows ``at`` (a block of R) of the backward from their loaded x, dy, rstd: dx (and dres)
+    stored; acc + dy * xhat returned (acc None: no weight)."""
     x, dy = (a.astype(F32) for a in loaded[:2])
-    rstd = _broadcast(loaded[2], (1, n), (0,), layout)
+    shape = x.shape
+    rstd = _broadcast(loaded[2], shape, (0,), layout)
     g = dy if w is None else dy * w
-    mean_gx = _broadcast(jnp.sum(g * x, axis=1) / n, (1, n), (0,), layout) * rstd
-    xhat = _store_dx(refs, pl.ds(r, 1), x, g, rstd, mean_gx, layout, has_dh, store_dres)
+    mean_gx = _broadcast(jnp.sum(g * x, axis=1) / shape[1], shape, (0,), layout) * rstd
+    xhat = _store_dx(refs, at, x, g, rstd, mean_gx, layout, has_dh, store_dres)
     return None if acc is None else acc + dy * xhat
 
 
@@ -517,40 +519,59 @@ def _store_dx(refs, at, x, g, rstd, mean_gx, layout, has_dh, store_dres):
     return xhat
 
 
-def _bwd_kernel(*refs, m, n, vec, programs, weight_offset, has_weight, **row_args):
-    """Backward program pid: rows pid, pid + G, ..., each row's loads issued BWD_PREFETCH
-    rows ahead (a loop carry: they are in flight while earlier rows reduce and store);
-    dweight's dy * xhat summed in registers and written to row pid of the partials."""
+def _bwd_kernel(*refs, m, n, rows, vec, programs, weight_offset, has_weight, **row_args):
+    """Backward program pid over blocks of R rows (R = 1 where N allows; M a multiple of R):
+    blocks pid, pid + G, ..., each block's loads issued BWD_PREFETCH blocks ahead (a loop
+    carry: they are in flight while earlier blocks reduce and store); dweight's dy * xhat
+    summed in registers and written to rows pid * R ... of the (G * R, N) partials."""
     refs = bwd_refs(refs, has_weight, row_args["has_dh"], row_args["store_dres"], has_weight)
-    layout = _rows_layout(1, n, vec)
+    layout = _rows_layout(rows, n, vec)
     pid = lax.axis_index("programs")
-    w = _weight(refs[3], 1, n, vec, weight_offset) if has_weight else None
+    w = _weight(refs[3], rows, n, vec, weight_offset) if has_weight else None
     ahead = BWD_PREFETCH
+    blocks = m // rows
+
+    def block(b):
+        return pl.ds(b * rows if rows > 1 else b, rows)
 
     def load(i):
-        # past the program's last row: a row read again and never used
-        return _bwd_load(refs, jnp.minimum(pid + i * programs, m - 1), layout)
+        # past the program's last block: a block read again and never used
+        return _bwd_load(refs, block(jnp.minimum(pid + i * programs, blocks - 1)), layout)
 
     def step(i, carry):
         acc, loaded = carry
         loaded = (*loaded, load(i + ahead))
-        acc = _bwd_row(refs, pid + i * programs, loaded[0], w, acc, n=n, layout=layout, **row_args)
+        at = block(pid + i * programs)
+        acc = _bwd_row(refs, at, loaded[0], w, acc, layout=layout, **row_args)
         return acc, loaded[1:]
 
-    acc = _cast(jnp.zeros((1, n), F32), layout)
+    acc = _cast(jnp.zeros((rows, n), F32), layout)
     carry = (acc if has_weight else None, tuple(load(i) for i in range(ahead)))
-    acc, _ = lax.fori_loop(0, (m - pid + programs - 1) // programs, step, carry)
+    acc, _ = lax.fori_loop(0, (blocks - pid + programs - 1) // programs, step, carry)
     if has_weight:
-        refs[-1][pl.ds(pid, 1)] = acc
+        refs[-1][block(pid)] = acc
 
 
-def bwd_programs(m: int, n: int, groups: int = 0) -> int:
-    """G, the backward's programs (and dweight partial rows); groups: bwd_groups."""
+def bwd_rows(m: int, n: int, *dtypes) -> int:
+    """R, the rows of a block of the backward's row kernel: 1 where N is whole 128-lane
+    tiles of (possibly narrowed) loads; else 2 or 4 (two warps or one per row, N whole 64-
+    or 32-lane tiles) where M is a multiple of R and a thread's share of a block is no more
+    than of one row at BWD_MAX_COLS (R * N <= BWD_MAX_COLS); 0 where none fits."""
+    for rows in (1, 2, 4):
+        fits = rows * n <= BWD_MAX_COLS and m % rows == 0 and m >= rows
+        if fits and row_vector(n, rows, *dtypes):
+            return rows
+    return 0
+
+
+def bwd_programs(m: int, n: int, groups: int = 0, rows: int = 1) -> int:
+    """G, the backward's programs (each writes R rows of dweight partials); groups:
+    bwd_groups; rows: bwd_rows (blocks of R rows, M / R of them)."""
     if groups:
         return max(1, min(m, BWD_GROUP_PROGRAMS))
     twice = n <= BWD_NARROW_COLS or (wide_bwd(n) and n <= BWD_WIDE_SMALL_COLS)
     cap = BWD_MAX_PROGRAMS * (2 if twice else 1)
-    return max(1, min(m, cap))
+    return max(1, min(m // rows, cap))
 
 
 def rmsnorm_bwd(
@@ -573,12 +594,13 @@ def rmsnorm_bwd(
     if not supported_bwd(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU backward does not serve {(m, n)} with dtypes {dtypes}")
     groups = bwd_groups(n, *dtypes)
-    programs = bwd_programs(m, n, groups)
+    rows = 1 if wide_bwd(n) else bwd_rows(m, n, *dtypes)
+    programs = bwd_programs(m, n, groups, rows)
     out_shape = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
     out_shape += [jax.ShapeDtypeStruct((m, n), dres_dtype)] if store_dres else []
-    out_shape += [jax.ShapeDtypeStruct((programs, n), F32)] if has_weight else []
-    body, extra, scratch, view = _bwd_kernel, {}, (), (m, n)
-    vec = row_vector(n, 1, *dtypes) if not wide_bwd(n) else vector_len(*dtypes)
+    out_shape += [jax.ShapeDtypeStruct((programs * rows, n), F32)] if has_weight else []
+    body, extra, scratch, view = _bwd_kernel, {"rows": rows}, (), (m, n)
+    vec = row_vector(n, rows, *dtypes) if not wide_bwd(n) else vector_len(*dtypes)
     if groups:
         body, extra, scratch = _bwd_grouped_kernel, {"groups": groups}, _exchange_scratch(groups)
         inputs = _segment_view(inputs, weight, 4 * groups)
@@ -609,7 +631,7 @@ def rmsnorm_bwd(
     )
     outs = list(launch(*inputs))
     if has_weight:
-        dweight = jnp.sum(outs.pop().reshape(programs, n), axis=0).astype(weight.dtype)
+        dweight = jnp.sum(outs.pop().reshape(-1, n), axis=0).astype(weight.dtype)
     else:
         dweight = None
     outs = [o.reshape(m, n) for o in outs]
@@ -925,6 +947,7 @@ __all__ = [
     "bwd_chunk",
     "bwd_groups",
     "bwd_programs",
+    "bwd_rows",
     "col_chunks",
     "full_width",
     "full_width_bwd",

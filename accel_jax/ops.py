@@ -6,7 +6,7 @@ Dispatch, decided when a call is traced:
   ``ACCEL_JAX_BACKEND=mosaic_gpu`` the Mosaic GPU ones wherever they serve the shape (Mosaic
   GPU's interpret mode, its race detector on);
 - x on a GPU (``jax.default_backend()`` under tracing): the compiled Pallas kernels, the
-  Triton-lowered ones or, for the forward, Mosaic GPU's (``accel_jax.backends``:
+  Triton-lowered ones or Mosaic GPU's (``accel_jax.backends``:
   ``ACCEL_JAX_BACKEND`` picks or forces one, ``reference`` forces the reference math);
 - otherwise: the plain-jnp reference math of ``accel_jax.reference`` (same numerics).
 The reference math also serves float64 (computed in float64) and shapes with symbolic

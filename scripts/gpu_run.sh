@@ -6,6 +6,8 @@
 #                                    # and the small Mosaic GPU cases compiled, in parallel
 #                                    # processes (none of them times anything but tests/bench's
 #                                    # smoke run, which runs last, alone)
+#   bash scripts/gpu_run.sh narrow   # python -m bench at widths Mosaic GPU serves with loads
+#                                    # narrower than 16 bytes (both accel_jax backends)
 #   bash scripts/gpu_run.sh tune     # sweep the Triton launch parameters (scripts/tune_torch.py)
 #   bash scripts/gpu_run.sh tune-jax # sweep the Pallas launch parameters (scripts/tune_jax.py)
 #   bash scripts/gpu_run.sh carveout # both kernels under JAX's cache split (scripts/carveout_check.py)
@@ -52,6 +54,10 @@ case $mode in
         wait
         step bench-tests bench_tests.log $PYTEST tests/bench
         grep -hE "^(FAILED|ERROR)|Fatal Python" "$RUN"/*.log | head -n 20
+        ;;
+    narrow)
+        step narrow narrow.log python3 -m bench \
+            --shapes 4096x2880,8192x896,4096x1152,8192x576,65536x128,65536x64 --out "$RUN/narrow"
         ;;
     tune)
         step tune tune.log python3 scripts/tune_torch.py

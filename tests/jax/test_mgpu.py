@@ -62,6 +62,11 @@ def test_supported_shapes(m, n, dtypes, served):
         ((3, 3584, [BF16], True)),  # up to BWD_MAX_COLS: 8-byte loads
         ((3, 896, [BF16], True)),  # 2-byte loads
         ((3, 2880, [BF16], False)),  # not whole 128-column tiles
+        ((4, 576, [BF16], True)),  # whole 64-column tiles: blocks of two rows
+        ((3, 576, [BF16], False)),  # rows not a multiple of two
+        ((8, 96, [F32], True)),  # whole 32-column tiles: blocks of four rows
+        ((6, 96, [F32], False)),  # rows not a multiple of four
+        ((4, 2880, [BF16], False)),  # two rows of 2880 > BWD_MAX_COLS
         ((3, 6656, [F32], True)),  # fp32 tiles: 512 columns
         ((1, 16384, [BF16], True)),
         ((1, 16 * 4096 + 1024, [BF16], False)),  # past WIDE_MAX_COLS
@@ -194,6 +199,25 @@ def test_row_vector_is_the_widest_that_tiles_the_row(rows, dtypes):
         assert vec == full or n % tile(2 * vec) != 0, (n, vec)
 
 
+def test_backward_blocks_are_the_fewest_rows_that_fit():
+    """The backward's row kernel takes one row a block where N allows, else the fewest rows
+    (2 or 4) whose loads tile N, that divide M, and whose share of a thread is no more than
+    one row of BWD_MAX_COLS."""
+    limit = kernels_mgpu.BWD_MAX_COLS
+
+    def fits(m, n, rows):
+        ok = rows * n <= limit and m % rows == 0
+        return ok and kernels_mgpu.row_vector(n, rows, BF16) > 0
+
+    for m in (1, 2, 4, 6, 7, 8):
+        for n in range(1, limit + 1):
+            rows = kernels_mgpu.bwd_rows(m, n, BF16)
+            if rows:
+                assert fits(m, n, rows), (m, n, rows)
+            assert not any(fits(m, n, r) for r in (1, 2, 4) if r < rows or not rows), (m, n)
+            assert kernels_mgpu.supported_bwd(m, n, BF16) == (rows > 0), (m, n)
+
+
 @pytest.mark.parametrize("n", [2880, 4160, 896])
 def test_narrow_loads_only_when_forced_or_without_triton(monkeypatch, n):
     """Shapes that the row kernels serve with loads narrower than 16 bytes were never
@@ -294,9 +318,9 @@ def test_every_variant_lowers_for_cuda(shape, dtype, residual, weight, llama):
 BWD_CASES = list(
     itertools.product(
         [(1030, 4096), (7, 5120), (4099, 1024), (3, 2048), (64, 3584), (5, 7168), (64, 16384)]
-        + [(3, 12288), (5, 896)],
+        + [(3, 12288), (5, 896), (6, 576), (8, 96)],
         # G > M at 3 rows; 16-bit 3584: 8-byte loads; past BWD_MAX_COLS, seven and six
-        # warpgroups, column chunks; 896: 2- and 4-byte loads
+        # warpgroups, column chunks; 896: 2- and 4-byte loads; blocks of two and four rows
         [BF16, F32],
         [None, BF16],  # weight
         [False, True],  # dh (fused)

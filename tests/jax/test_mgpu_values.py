@@ -179,14 +179,15 @@ def test_vmap(monkeypatch, shape):
 
 
 # Row counts not a multiple of the G programs, more programs than rows (3), 1024-5120 columns;
-# loads narrower than 16 bytes (896: 2-byte 16-bit loads; 3584: 8-byte); past BWD_MAX_COLS
+# loads narrower than 16 bytes (896: 2-byte 16-bit loads; 3584: 8-byte), in blocks of two
+# rows (576, 64: a head's width) or four (96); past BWD_MAX_COLS
 # held by several warpgroups (7168: seven, 8192: four, 12288: six) or in column chunks (9216:
 # no split into whole segments, 3072-column chunks; 16384: past BWD_GROUP_MAX_COLS,
 # 4096-column chunks).
 BWD_SHAPES = _shapes(
-    [(5, 1024), (3, 5120), (5, 896), (5, 6144), (3, 9216)],
+    [(5, 1024), (3, 5120), (5, 896), (6, 576), (8, 96), (5, 6144), (3, 9216)],
     [(2048, 4096), (8195, 4096), (1027, 5120), (4099, 1024), (1025, 2048), (3, 5120)]
-    + [(4096, 896), (2051, 3584)]
+    + [(4096, 896), (2051, 3584), (4096, 576), (32768, 64), (4096, 96)]
     + [(1027, 7168), (130, 8192), (257, 12288), (300, 16384), (3, 9216)],
 )
 
