@@ -26,7 +26,8 @@ RUN=$(mktemp -d)  # packed into $OUT/all.tgz at the end
 step() {  # step NAME LOGFILE COMMAND... (a line in summary.txt; may run in the background)
     local name=$1 log=$2 t0=$SECONDS rc
     shift 2
-    "$@" > "$RUN/$log" 2>&1
+    # STEP_TIMEOUT (seconds): each step stopped by then, so the logs still come back
+    timeout "${STEP_TIMEOUT:-0}" "$@" > "$RUN/$log" 2>&1
     rc=$?
     printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) \
         "$(tail -n 1 "$RUN/$log")" >> "$RUN/summary.txt"
@@ -52,7 +53,8 @@ case $mode in
             -m "not gpu" -k "small or mosaic_gpu" tests/jax/test_mgpu_values.py \
             tests/numerics/test_parity.py &
         wait
-        step bench-tests bench_tests.log $PYTEST tests/bench
+        # NO_BENCH_TESTS=1: leave out the bench's own tests (when the bench runs next anyway)
+        [ -n "${NO_BENCH_TESTS:-}" ] || step bench-tests bench_tests.log $PYTEST tests/bench
         grep -hE "^(FAILED|ERROR)|Fatal Python" "$RUN"/*.log | head -n 20
         ;;
     narrow)
