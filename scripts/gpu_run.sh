@@ -58,7 +58,8 @@ case $mode in
         grep -hE "^(FAILED|ERROR)|Fatal Python" "$RUN"/*.log | head -n 20
         ;;
     narrow)
-        step narrow narrow.log python3 -m bench \
+        step narrow narrow.log python3 -m bench --no-host-overhead \
+            --impls accel_jax,accel_jax_triton,accel_jax_mgpu,jax_xla,accel_torch \
             --shapes 4096x2880,8192x896,4096x1152,8192x576,65536x128,65536x64 --out "$RUN/narrow"
         ;;
     tune)
