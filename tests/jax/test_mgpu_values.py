@@ -124,7 +124,9 @@ def test_fused(shape):
         assert_output_close(y, ref)
 
 
-@pytest.mark.parametrize("shape", _shapes([(2, 5, 1024), (2, 3, 12288)], [(3, 2048, 4096)]))
+@pytest.mark.parametrize(
+    "shape", _shapes([(2, 5, 1024), (2, 6, 576), (2, 3, 12288)], [(3, 2048, 4096)])
+)
 def test_vmap(monkeypatch, shape):
     """vmap over a leading axis on one device: Pallas batches the Mosaic GPU kernels over
     one more grid axis (each kernel traced again). The forward with a batched weight; the
