@@ -491,7 +491,8 @@ def test_without_the_pallas_triton_backend(monkeypatch):
     """On a JAX without the Pallas Triton backend (simulated), a training step lowered for
     CUDA: on Hopper, auto runs the Mosaic GPU forward and backward wherever they serve the
     shape (vmapped too), also where auto would otherwise take the Triton-lowered ones (256
-    rows, 1024 columns), and the reference math elsewhere (1000 columns); before
+    rows, 1024 columns), but for the two-walk kernels (measured slower than XLA's fusion of
+    the reference math), and the reference math elsewhere (1000 columns); before
     Hopper the reference math everywhere; forcing triton is an error naming what is
     missing. One warning per outcome."""
     monkeypatch.setattr(kernels, "UNAVAILABLE", "ImportError: simulated")
@@ -519,6 +520,8 @@ def test_without_the_pallas_triton_backend(monkeypatch):
         (True, 256, 4096, False, 2),  # auto with the Triton backend: Triton's
         (True, 4096, 1024, False, 2),
         (True, 64, 1000, False, 0),  # not served
+        (True, 64, 16384, False, 1),  # the grouped forward; the two-walk backward lost to XLA
+        (True, 64, 16896, False, 0),  # the two-walk forward and backward lost to XLA
         (True, 64, 4096, True, 2),  # vmapped: Pallas batches the Mosaic GPU kernels
         (False, 4096, 4096, False, 0),
     ):
