@@ -189,11 +189,6 @@ def row_vector(n: int, rows: int, *dtypes) -> int:
     return vec
 
 
-def _fits_rows(m: int, n: int, rows: int, dtypes, max_cols: int) -> bool:
-    """_fits for the row kernels, whose loads narrow where N needs it (row_vector)."""
-    return UNAVAILABLE is None and row_vector(n, rows, *dtypes) > 0 and n <= max_cols and m >= rows
-
-
 def wide(n: int) -> bool:
     """Whether an N-column forward runs the two-walk kernel."""
     return n > MAX_COLS
@@ -212,7 +207,8 @@ def supported(m: int, n: int, *dtypes) -> bool:
         return WIDE_CHUNK % _tile(WIDE_ROWS, dtypes) == 0 and _fits(
             m, n, WIDE_ROWS, dtypes, WIDE_MAX_COLS
         )
-    return _fits_rows(m, n, rows_per_program(n), dtypes, MAX_COLS)
+    rows = rows_per_program(n)  # the row kernel, its loads narrowed where N needs it
+    return UNAVAILABLE is None and m >= rows and row_vector(n, rows, *dtypes) > 0
 
 
 def supported_bwd(m: int, n: int, *dtypes) -> bool:
@@ -441,7 +437,7 @@ def rmsnorm_fwd(
     if not supported(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU forward does not serve {(m, n)} with dtypes {dtypes}")
     rows, body, extra, scratch = rows_per_program(n), _fwd_kernel, {}, ()
-    vec = row_vector(n, rows, *dtypes)
+    vec = vector_len(*dtypes)
     out_shape = fwd_out_shape(m, n, out_dtype, round_dtype, store_h, store_rstd)
     groups = fwd_groups(n, *dtypes)
     if groups:
@@ -449,10 +445,10 @@ def rmsnorm_fwd(
         scratch, segments = _exchange_scratch(groups, rows), 4 * groups // rows
         inputs = _segment_view(inputs, weight, segments)
         out_shape = _segment_view(out_shape, None, segments)
-        vec = vector_len(*dtypes)
     elif wide(n):
         rows, body, extra = WIDE_ROWS, _fwd_wide_kernel, {"chunk": WIDE_CHUNK}
-        vec = vector_len(*dtypes)
+    else:
+        vec = row_vector(n, rows, *dtypes)
     kernel = functools.partial(
         body,
         **extra,
@@ -594,13 +590,15 @@ def rmsnorm_bwd(
     if not supported_bwd(m, n, *dtypes):
         raise ValueError(f"the Mosaic GPU backward does not serve {(m, n)} with dtypes {dtypes}")
     groups = bwd_groups(n, *dtypes)
-    rows = 1 if wide_bwd(n) else bwd_rows(m, n, *dtypes)
+    rows, vec = 1, vector_len(*dtypes)
+    if not wide_bwd(n):  # the row kernel, its loads narrowed where N needs it
+        rows = bwd_rows(m, n, *dtypes)
+        vec = row_vector(n, rows, *dtypes)
     programs = bwd_programs(m, n, groups, rows)
     out_shape = [jax.ShapeDtypeStruct((m, n), dx_dtype)]
     out_shape += [jax.ShapeDtypeStruct((m, n), dres_dtype)] if store_dres else []
     out_shape += [jax.ShapeDtypeStruct((programs * rows, n), F32)] if has_weight else []
     body, extra, scratch, view = _bwd_kernel, {"rows": rows}, (), (m, n)
-    vec = row_vector(n, rows, *dtypes) if not wide_bwd(n) else vector_len(*dtypes)
     if groups:
         body, extra, scratch = _bwd_grouped_kernel, {"groups": groups}, _exchange_scratch(groups)
         inputs = _segment_view(inputs, weight, 4 * groups)
